@@ -1,0 +1,43 @@
+"""cn_jax: ControlNet for Stable Diffusion in JAX/Flax, compiled by XLA.
+
+Public API (external checks call exactly these names):
+
+    unet, unet_params = cn_jax.load_unet(path)
+    cnet, cnet_params = cn_jax.load_controlnet(path)
+    cn_jax.save_controlnet(path, cnet, cnet_params, format="diffusers")  # or "original"
+    cnet_params = cn_jax.init_controlnet_from_unet(unet_params, cnet.config)
+"""
+
+from cn_jax.models import (
+    ControlledBlock,
+    ControlNet,
+    ControlNetConfig,
+    UNet,
+    UNetConfig,
+    combine_controlnet_residuals,
+    init_controlnet_from_unet,
+)
+from cn_jax.weights import (
+    WeightFileError,
+    load_controlnet,
+    load_unet,
+    save_controlnet,
+    save_unet,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ControlNet",
+    "ControlNetConfig",
+    "ControlledBlock",
+    "UNet",
+    "UNetConfig",
+    "WeightFileError",
+    "combine_controlnet_residuals",
+    "init_controlnet_from_unet",
+    "load_controlnet",
+    "load_unet",
+    "save_controlnet",
+    "save_unet",
+]

@@ -1,0 +1,331 @@
+"""Model configs: frozen dataclasses mirroring diffusers' `config.json` fields.
+
+A config read from a file is validated strictly: a field cn_jax does not know
+is an error, and so is a known diffusers field set to a value outside Stable
+Diffusion 1.x/2.x (e.g. SDXL's `addition_embed_type`), instead of silently
+building a different model than the file describes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
+
+# diffusers fields that exist for other model families. Accepted only at these
+# values (the ones SD 1.x/2.x files carry); anything else is refused by name.
+_FIXED_FIELDS: dict[str, Any] = {
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "num_class_embeds": None,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "reverse_transformer_layers_per_block": None,
+    "act_fn": "silu",
+    "dropout": 0.0,
+}
+# Informational fields written by diffusers/other tools, ignored on read.
+_IGNORED_FIELDS = ("addition_embed_type_num_heads",)
+
+
+def _tuple(value: Any) -> Any:
+    return tuple(_tuple(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def _per_block(value: Any, n: int, field: str) -> tuple:
+    if isinstance(value, tuple):
+        if len(value) != n:
+            raise ValueError(f"config field {field}={value!r} must have one entry per block ({n})")
+        return value
+    return (value,) * n
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """Fields shared by the UNet and the ControlNet (the part the ControlNet copies)."""
+
+    class_name: ClassVar[str] = ""
+
+    in_channels: int = 4
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple[str, ...] = (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )
+    mid_block_type: str = "UNetMidBlock2DCrossAttn"
+    only_cross_attention: bool | tuple[bool, ...] = False
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int | tuple[int, ...] = 768
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    # diffusers' historical misnomer: without num_attention_heads this is the
+    # number of heads (SD 1.5: 8 heads; SD 2: (5, 10, 20, 20) heads of 64).
+    attention_head_dim: int | tuple[int, ...] = 8
+    num_attention_heads: int | tuple[int, ...] | None = None
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _tuple(getattr(self, f.name)))
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n:
+            raise ValueError(
+                f"config: down_block_types has {len(self.down_block_types)} entries but "
+                f"block_out_channels has {n}"
+            )
+        for t in self.down_block_types:
+            if t not in DOWN_BLOCK_TYPES:
+                raise ValueError(f"config field down_block_types: unsupported {t!r}")
+        if self.mid_block_type not in MID_BLOCK_TYPES:
+            raise ValueError(f"config field mid_block_type: unsupported {self.mid_block_type!r}")
+        if not isinstance(self.layers_per_block, int):
+            raise ValueError("config field layers_per_block: only an int is supported")
+        for c in self.block_out_channels:
+            if c % self.norm_num_groups:
+                raise ValueError(
+                    f"config: block_out_channels {c} not divisible by norm_num_groups "
+                    f"{self.norm_num_groups}"
+                )
+        for heads, c in zip(self.heads_per_block, self.block_out_channels, strict=True):
+            if c % heads:
+                raise ValueError(f"config: {c} channels not divisible by {heads} attention heads")
+        if len(set(self.cross_attention_dims)) != 1:
+            # One text context feeds every block, so the widths must agree.
+            raise ValueError(
+                f"config field cross_attention_dim={self.cross_attention_dim!r}: per-block values "
+                "must all be equal (one text encoder feeds every block)"
+            )
+        self.transformer_layers
+        self.only_cross_per_block
+
+    # -- per-block views of the int-or-tuple fields -------------------------
+    @property
+    def heads_per_block(self) -> tuple[int, ...]:
+        heads = self.num_attention_heads or self.attention_head_dim
+        field = "num_attention_heads" if self.num_attention_heads else "attention_head_dim"
+        return _per_block(heads, len(self.block_out_channels), field)
+
+    @property
+    def cross_attention_dims(self) -> tuple[int, ...]:
+        return _per_block(
+            self.cross_attention_dim, len(self.block_out_channels), "cross_attention_dim"
+        )
+
+    @property
+    def transformer_layers(self) -> tuple[int, ...]:
+        return _per_block(
+            self.transformer_layers_per_block,
+            len(self.block_out_channels),
+            "transformer_layers_per_block",
+        )
+
+    @property
+    def only_cross_per_block(self) -> tuple[bool, ...]:
+        return _per_block(
+            self.only_cross_attention, len(self.block_out_channels), "only_cross_attention"
+        )
+
+    @property
+    def num_down_residuals(self) -> int:
+        """Skip connections the encoder produces: conv_in + each layer + each downsampler."""
+        n = len(self.block_out_channels)
+        return 1 + n * self.layers_per_block + (n - 1)
+
+    # -- (de)serialisation ---------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> EncoderConfig:
+        """Build from a diffusers `config.json` dict; refuse unknown or unsupported fields.
+
+        Args:
+          data: the parsed JSON.
+          source: where it came from, for error messages (e.g. the file path).
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs, unknown = {}, []
+        for key, value in data.items():
+            if key.startswith("_") or key in _IGNORED_FIELDS:
+                continue
+            if key in names:
+                kwargs[key] = value
+            elif key in _FIXED_FIELDS:
+                if _tuple(value) != _FIXED_FIELDS[key] and not (
+                    key == "reverse_transformer_layers_per_block" and value is None
+                ):
+                    raise ValueError(
+                        f"{source}: field {key}={value!r} is not supported by cn_jax "
+                        f"(Stable Diffusion 1.x/2.x models need {_FIXED_FIELDS[key]!r})"
+                    )
+            else:
+                unknown.append(key)
+        if unknown:
+            raise ValueError(f"{source}: unknown config field(s) for {cls.__name__}: {unknown}")
+        try:
+            return cls(**kwargs)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A diffusers-compatible `config.json` dict."""
+        out: dict[str, Any] = {"_class_name": self.class_name}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def replace(self, **changes) -> EncoderConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig(EncoderConfig):
+    """diffusers `UNet2DConditionModel` config (SD 1.x / 2.x subset)."""
+
+    class_name: ClassVar[str] = "UNet2DConditionModel"
+
+    sample_size: int | None = None
+    out_channels: int = 4
+    center_input_sample: bool = False
+    up_block_types: tuple[str, ...] = (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if len(self.up_block_types) != len(self.block_out_channels):
+            raise ValueError("config: up_block_types must have one entry per block")
+        for t in self.up_block_types:
+            if t not in UP_BLOCK_TYPES:
+                raise ValueError(f"config field up_block_types: unsupported {t!r}")
+
+
+CONDITIONING_EMBEDDING_TYPES = ("released", "paper")
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlNetConfig(EncoderConfig):
+    """diffusers `ControlNetModel` config plus cn_jax's condition-encoder variant.
+
+    `conditioning_embedding_type`:
+      - "released": lllyasviel's/diffusers' encoder (3x3 convs + SiLU, widths
+        `conditioning_embedding_out_channels`, a stride-2 conv between widths,
+        zero-initialised 3x3 `conv_out`). Weight-compatible with their files.
+      - "paper": the paper's text: four 4x4 convs with ReLU, widths
+        `conditioning_embedding_out_channels` (default 16/32/64/128), Gaussian
+        init, stride 2 on the first log2(`conditioning_latent_factor`) of them,
+        then a 1x1 zero conv to the first block's width (Z(c; theta_z1)).
+    """
+
+    class_name: ClassVar[str] = "ControlNetModel"
+
+    conditioning_channels: int = 3
+    controlnet_conditioning_channel_order: str = "rgb"  # or "bgr" (flip channels first)
+    conditioning_embedding_out_channels: tuple[int, ...] | None = None  # None: variant default
+    global_pool_conditions: bool = False  # shuffle-style nets: residuals averaged over H, W
+    conditioning_embedding_type: str = "released"
+    conditioning_latent_factor: int | None = None  # paper variant only; None: 8
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.conditioning_embedding_type not in CONDITIONING_EMBEDDING_TYPES:
+            raise ValueError(
+                f"config field conditioning_embedding_type={self.conditioning_embedding_type!r} "
+                f"must be one of {CONDITIONING_EMBEDDING_TYPES}"
+            )
+        if self.controlnet_conditioning_channel_order not in ("rgb", "bgr"):
+            raise ValueError(
+                "config field controlnet_conditioning_channel_order must be 'rgb' or 'bgr', got "
+                f"{self.controlnet_conditioning_channel_order!r}"
+            )
+        if self.conditioning_embedding_out_channels is None:
+            default = (16, 32, 96, 256) if self.is_released else (16, 32, 64, 128)
+            object.__setattr__(self, "conditioning_embedding_out_channels", default)
+        if self.is_released and self.conditioning_latent_factor not in (None, self.latent_factor):
+            raise ValueError(
+                f"config: conditioning_latent_factor={self.conditioning_latent_factor} but the "
+                f"released encoder with {len(self.conditioning_embedding_out_channels)} widths "
+                f"downsamples by {self.latent_factor}"
+            )
+        if not self.is_released:
+            f = self.latent_factor
+            if f & (f - 1) or f > 2 ** len(self.conditioning_embedding_out_channels):
+                raise ValueError(
+                    f"config: conditioning_latent_factor={f} must be a power of two at most "
+                    f"2**{len(self.conditioning_embedding_out_channels)}"
+                )
+
+    @property
+    def is_released(self) -> bool:
+        return self.conditioning_embedding_type == "released"
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixel size of the condition / size of the latent."""
+        if self.is_released:
+            return 2 ** (len(self.conditioning_embedding_out_channels) - 1)
+        return self.conditioning_latent_factor or 8
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.is_released:
+            # Keep files written for the released encoder loadable by diffusers,
+            # whose ControlNetModel does not know cn_jax's extra fields.
+            out.pop("conditioning_embedding_type")
+            out.pop("conditioning_latent_factor")
+        return out
+
+    @classmethod
+    def from_unet(
+        cls,
+        unet_config: EncoderConfig,
+        conditioning_channels: int = 3,
+        controlnet_conditioning_channel_order: str = "rgb",
+        conditioning_embedding_out_channels: tuple[int, ...] | None = None,
+        conditioning_embedding_type: str = "released",
+        conditioning_latent_factor: int | None = None,
+        global_pool_conditions: bool = False,
+    ) -> ControlNetConfig:
+        """A ControlNet config whose encoder copies `unet_config` (diffusers' `from_unet`)."""
+        shared = {
+            f.name: getattr(unet_config, f.name) for f in dataclasses.fields(EncoderConfig)
+        }
+        return cls(
+            **shared,
+            conditioning_channels=conditioning_channels,
+            controlnet_conditioning_channel_order=controlnet_conditioning_channel_order,
+            conditioning_embedding_out_channels=conditioning_embedding_out_channels,
+            conditioning_embedding_type=conditioning_embedding_type,
+            conditioning_latent_factor=conditioning_latent_factor,
+            global_pool_conditions=global_pool_conditions,
+        )

@@ -1,0 +1,311 @@
+"""The Stable Diffusion UNet (diffusers `UNet2DConditionModel` semantics), NHWC.
+
+The encoder half (conv_in, time embedding, down blocks, mid block) is written
+once as `UNetEncoder`-style helpers used both by `UNet` and by the trainable
+copy in `cn_jax.models.controlnet`: the ControlNet copy is literally the same
+code as the locked encoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cn_jax.models.attention import Transformer2DModel
+from cn_jax.models.config import EncoderConfig, UNetConfig
+from cn_jax.models.layers import (
+    Downsample2D,
+    Dtype,
+    ResnetBlock2D,
+    TimestepEmbedding,
+    Upsample2D,
+    conv,
+    group_norm,
+    timestep_embedding,
+)
+
+
+class DownBlock(nn.Module):
+    """`CrossAttnDownBlock2D` (with attentions) or `DownBlock2D` (without).
+
+    Returns the block output and the skip tensors it emits (one per layer, plus
+    one after the downsampler).
+    """
+
+    out_channels: int
+    num_layers: int
+    has_attention: bool
+    add_downsample: bool
+    heads: int = 8
+    transformer_layers: int = 1
+    groups: int = 32
+    eps: float = 1e-5
+    downsample_padding: int = 1
+    use_linear_projection: bool = False
+    only_cross_attention: bool = False
+    upcast_attention: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb, context):
+        d, p = self.dtype, self.param_dtype
+        skips = []
+        for i in range(self.num_layers):
+            x = ResnetBlock2D(
+                self.out_channels, self.groups, self.eps, dtype=d, param_dtype=p,
+                name=f"resnets_{i}",
+            )(x, temb)  # fmt: skip
+            if self.has_attention:
+                x = _transformer(self, name=f"attentions_{i}")(x, context)
+            skips.append(x)
+        if self.add_downsample:
+            x = Downsample2D(
+                self.out_channels, self.downsample_padding, d, p, name="downsamplers_0"
+            )(x)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(nn.Module):
+    """`UNetMidBlock2DCrossAttn`: resnet, then (attention, resnet) pairs."""
+
+    channels: int
+    heads: int = 8
+    transformer_layers: int = 1
+    num_layers: int = 1
+    groups: int = 32
+    eps: float = 1e-5
+    output_scale_factor: float = 1.0
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    only_cross_attention: bool = False  # never in the mid block (diffusers)
+
+    @nn.compact
+    def __call__(self, x, temb, context):
+        res = dict(
+            groups=self.groups, eps=self.eps, output_scale_factor=self.output_scale_factor,
+            dtype=self.dtype, param_dtype=self.param_dtype,
+        )  # fmt: skip
+        x = ResnetBlock2D(self.channels, **res, name="resnets_0")(x, temb)
+        for i in range(self.num_layers):
+            x = _transformer(self, name=f"attentions_{i}")(x, context)
+            x = ResnetBlock2D(self.channels, **res, name=f"resnets_{i + 1}")(x, temb)
+        return x
+
+
+class UpBlock(nn.Module):
+    """`CrossAttnUpBlock2D` / `UpBlock2D`: each layer concatenates one skip tensor."""
+
+    out_channels: int
+    num_layers: int
+    has_attention: bool
+    add_upsample: bool
+    heads: int = 8
+    transformer_layers: int = 1
+    groups: int = 32
+    eps: float = 1e-5
+    use_linear_projection: bool = False
+    only_cross_attention: bool = False
+    upcast_attention: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, skips: Sequence[jax.Array], temb, context, upsample_size=None):
+        d, p = self.dtype, self.param_dtype
+        skips = list(skips)
+        for i in range(self.num_layers):
+            x = jnp.concatenate([x, skips.pop()], axis=-1)
+            x = ResnetBlock2D(
+                self.out_channels, self.groups, self.eps, dtype=d, param_dtype=p,
+                name=f"resnets_{i}",
+            )(x, temb)  # fmt: skip
+            if self.has_attention:
+                x = _transformer(self, name=f"attentions_{i}")(x, context)
+        if self.add_upsample:
+            x = Upsample2D(self.out_channels, d, p, name="upsamplers_0")(x, upsample_size)
+        return x
+
+
+def _transformer(block, name: str) -> Transformer2DModel:
+    """The spatial transformer of a block, configured from the block's fields."""
+    channels = getattr(block, "out_channels", None) or block.channels
+    return Transformer2DModel(
+        heads=block.heads,
+        head_dim=channels // block.heads,
+        num_layers=block.transformer_layers,
+        groups=block.groups,
+        use_linear_projection=block.use_linear_projection,
+        only_cross_attention=block.only_cross_attention,
+        upcast_attention=block.upcast_attention,
+        dtype=block.dtype,
+        param_dtype=block.param_dtype,
+        name=name,
+    )
+
+
+# -- the encoder half, shared by UNet and ControlNet ----------------------------
+
+
+def make_encoder(config: EncoderConfig, dtype: Dtype, param_dtype: Dtype) -> dict[str, nn.Module]:
+    """Submodules of the encoder half, named as diffusers names them.
+
+    Called from `setup` of `UNet` and `ControlNet`, so both get identical
+    parameter trees for conv_in, time_embedding, down_blocks_* and mid_block.
+    """
+    c = config
+    n = len(c.block_out_channels)
+    down = []
+    for i, block_type in enumerate(c.down_block_types):
+        down.append(
+            DownBlock(
+                out_channels=c.block_out_channels[i],
+                num_layers=c.layers_per_block,
+                has_attention=block_type == "CrossAttnDownBlock2D",
+                add_downsample=i < n - 1,
+                heads=c.heads_per_block[i],
+                transformer_layers=c.transformer_layers[i],
+                groups=c.norm_num_groups,
+                eps=c.norm_eps,
+                downsample_padding=c.downsample_padding,
+                use_linear_projection=c.use_linear_projection,
+                only_cross_attention=c.only_cross_per_block[i],
+                upcast_attention=c.upcast_attention,
+                dtype=dtype,
+                param_dtype=param_dtype,
+            )
+        )
+    return dict(
+        conv_in=conv(c.block_out_channels[0], 3, dtype, param_dtype, "conv_in"),
+        time_embedding=TimestepEmbedding(4 * c.block_out_channels[0], dtype, param_dtype),
+        down_blocks=down,
+        mid_block=MidBlock(
+            channels=c.block_out_channels[-1],
+            heads=c.heads_per_block[-1],
+            transformer_layers=c.transformer_layers[-1],
+            groups=c.norm_num_groups,
+            eps=c.norm_eps,
+            output_scale_factor=c.mid_block_scale_factor,
+            use_linear_projection=c.use_linear_projection,
+            upcast_attention=c.upcast_attention,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        ),
+    )
+
+
+def time_features(config: EncoderConfig, timesteps: jax.Array, batch: int, dtype) -> jax.Array:
+    """Sinusoidal features of `timesteps` broadcast to the batch, in the compute dtype."""
+    t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
+    emb = timestep_embedding(
+        t, config.block_out_channels[0], config.flip_sin_to_cos, config.freq_shift
+    )
+    return emb.astype(dtype)
+
+
+class UNet(nn.Module):
+    """Stable Diffusion 1.x/2.x denoiser.
+
+    Call: `unet.apply({"params": p}, sample, timesteps, encoder_hidden_states,
+    down_block_additional_residuals=None, mid_block_additional_residual=None)`.
+
+    Args (of `__call__`):
+      sample: NHWC latents (B, H, W, in_channels).
+      timesteps: (B,) or scalar, float32 by default.
+      encoder_hidden_states: (B, L, cross_attention_dim) text context.
+      down_block_additional_residuals: ControlNet residuals, one per skip
+        connection (`config.num_down_residuals`), added to the skips.
+      mid_block_additional_residual: added to the mid block output.
+
+    Returns:
+      NHWC (B, H, W, out_channels) noise (or v) prediction.
+    """
+
+    config: UNetConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        c = self.config
+        d, p = self.dtype, self.param_dtype
+        enc = make_encoder(c, d, p)
+        self.conv_in = enc["conv_in"]
+        self.time_embedding = enc["time_embedding"]
+        self.down_blocks = enc["down_blocks"]
+        self.mid_block = enc["mid_block"]
+        rev_channels = tuple(reversed(c.block_out_channels))
+        rev_heads = tuple(reversed(c.heads_per_block))
+        rev_layers = tuple(reversed(c.transformer_layers))
+        rev_only_cross = tuple(reversed(c.only_cross_per_block))
+        n = len(rev_channels)
+        self.up_blocks = [
+            UpBlock(
+                out_channels=rev_channels[i],
+                num_layers=c.layers_per_block + 1,
+                has_attention=block_type == "CrossAttnUpBlock2D",
+                add_upsample=i < n - 1,
+                heads=rev_heads[i],
+                transformer_layers=rev_layers[i],
+                groups=c.norm_num_groups,
+                eps=c.norm_eps,
+                use_linear_projection=c.use_linear_projection,
+                only_cross_attention=rev_only_cross[i],
+                upcast_attention=c.upcast_attention,
+                dtype=d,
+                param_dtype=p,
+            )
+            for i, block_type in enumerate(c.up_block_types)
+        ]
+        self.conv_norm_out = group_norm(c.norm_num_groups, c.norm_eps, d, p, "conv_norm_out")
+        self.conv_out = conv(c.out_channels, 3, d, p, "conv_out")
+
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array,
+        encoder_hidden_states: jax.Array,
+        down_block_additional_residuals: Sequence[jax.Array] | None = None,
+        mid_block_additional_residual: jax.Array | None = None,
+    ) -> jax.Array:
+        c = self.config
+        sample = sample.astype(self.dtype)
+        context = encoder_hidden_states.astype(self.dtype)
+        if c.center_input_sample:
+            sample = 2 * sample - 1.0
+        temb = self.time_embedding(time_features(c, timesteps, sample.shape[0], self.dtype))
+
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x, s = block(x, temb, context)
+            skips += s
+
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(
+                    f"down_block_additional_residuals has {len(down_block_additional_residuals)} "
+                    f"tensors; this UNet has {len(skips)} skip connections"
+                )
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals)]
+
+        x = self.mid_block(x, temb, context)
+        if mid_block_additional_residual is not None:
+            x = x + mid_block_additional_residual.astype(x.dtype)
+
+        for i, block in enumerate(self.up_blocks):
+            n_skip = block.num_layers
+            block_skips, skips = skips[-n_skip:], skips[:-n_skip]
+            # Non-multiple sizes: upsample to the next skip's size (diffusers'
+            # forward_upsample_size), otherwise plain x2.
+            size = tuple(skips[-1].shape[1:3]) if skips else None
+            x = block(x, block_skips, temb, context, size)
+
+        x = self.conv_norm_out(x)
+        x = nn.silu(x)
+        return self.conv_out(x)

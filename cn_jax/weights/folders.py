@@ -1,0 +1,405 @@
+"""Load and save UNets and ControlNets in the files people have.
+
+- diffusers model folders: `config.json` + `diffusion_pytorch_model.safetensors`
+  (or the `.fp16` variant, or a sharded `.safetensors.index.json`), also a
+  pipeline folder's `unet/` / `controlnet/` subfolder;
+- one ControlNet `.safetensors` file in diffusers names or in the original
+  lllyasviel names (`control_model.*`, prefix optional);
+- pickle files (`.bin`, `.pth`, `.ckpt`) only with `allow_pickle=True`.
+
+Tensors are read one at a time from the file and converted straight into the
+Flax tree, so a load holds about one copy of the weights plus one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cn_jax.models.config import ControlNetConfig, UNetConfig
+from cn_jax.models.controlnet import ControlNet, example_inputs
+from cn_jax.models.layers import Dtype
+from cn_jax.models.unet import UNet
+from cn_jax.weights import original
+from cn_jax.weights.errors import WeightFileError
+from cn_jax.weights.keymap import flax_to_torch, torch_to_flax
+from cn_jax.weights.safetensors_io import (
+    SafetensorsFile,
+    load_pickle_checkpoint,
+    write_safetensors,
+)
+
+WEIGHTS_NAME = "diffusion_pytorch_model"
+CONFIG_NAME = "config.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# The diffusers version our exported folders were verified against.
+DIFFUSERS_COMPAT_VERSION = "0.42.1"
+# safetensors metadata key holding cn_jax's exact config in single files.
+CONFIG_METADATA_KEY = "cn_jax_config"
+
+
+# -- reading --------------------------------------------------------------------
+
+
+class _LazyState(Mapping):
+    """A read-only state dict whose tensors are read from disk on access."""
+
+    def __init__(self, sources: dict[str, tuple[Any, str]]):
+        self._sources = sources  # key -> (SafetensorsFile or dict, key in it)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        src, name = self._sources[key]
+        return src.get(name) if isinstance(src, SafetensorsFile) else src[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        src, name = self._sources[key]
+        return src.shape(name) if isinstance(src, SafetensorsFile) else tuple(src[name].shape)
+
+    def renamed(self, mapping: Mapping[str, str]) -> _LazyState:
+        """The same tensors under new names (`mapping`: new name -> current name)."""
+        return _LazyState({new: self._sources[old] for new, old in mapping.items()})
+
+
+def _open_state(files: list[Path], allow_pickle: bool) -> tuple[_LazyState, dict[str, str]]:
+    """Open weight files as one lazy state dict; also return safetensors metadata."""
+    sources: dict[str, tuple[Any, str]] = {}
+    metadata: dict[str, str] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            sf = SafetensorsFile(f)
+            metadata.update(sf.metadata)
+            sources.update({k: (sf, k) for k in sf.keys()})
+        elif f.suffix.lower() in PICKLE_SUFFIXES:
+            state = load_pickle_checkpoint(f, allow_pickle=allow_pickle)
+            sources.update({k: (state, k) for k in state})
+        else:
+            raise WeightFileError(f"{f}: unsupported weight file type {f.suffix!r}")
+    return _LazyState(sources), metadata
+
+
+def _model_dir(path: Path, subfolder: str) -> Path:
+    """The folder holding config.json: `path` itself or its `subfolder`."""
+    if not path.exists():
+        raise WeightFileError(f"{path}: no such file or folder")
+    if (path / CONFIG_NAME).is_file():
+        return path
+    if (path / subfolder / CONFIG_NAME).is_file():
+        return path / subfolder
+    raise WeightFileError(
+        f"{path}: not a diffusers model folder (no {CONFIG_NAME}, and no {subfolder}/{CONFIG_NAME} "
+        "as in a pipeline folder)"
+    )
+
+
+def _weight_files(folder: Path, variant: str | None, allow_pickle: bool) -> list[Path]:
+    """The weight files of a diffusers model folder, in diffusers' order of preference."""
+    stems = [f"{WEIGHTS_NAME}.{variant}"] if variant else [WEIGHTS_NAME, f"{WEIGHTS_NAME}.fp16"]
+    for stem in stems:
+        single = folder / f"{stem}.safetensors"
+        if single.is_file():
+            return [single]
+        index = folder / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise WeightFileError(f"{index}: not a safetensors index ({e})") from None
+            return [folder / name for name in sorted(set(weight_map.values()))]
+    pickles = [folder / f"{stem}.bin" for stem in stems if (folder / f"{stem}.bin").is_file()]
+    if pickles:
+        if not allow_pickle:
+            load_pickle_checkpoint(pickles[0], allow_pickle=False)  # raises the explanation
+        return pickles[:1]
+    raise WeightFileError(
+        f"{folder}: no weights found (looked for {', '.join(s + '.safetensors' for s in stems)})"
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise WeightFileError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise WeightFileError(f"{path}: expected a JSON object")
+    return data
+
+
+def _abstract_params(module, *inputs) -> Any:
+    return jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)["params"]
+
+
+def unet_example_inputs(config: UNetConfig, batch: int = 1):
+    """Smallest valid inputs for `UNet.init` / `eval_shape` (sample, t, context)."""
+    latent = 2 ** (len(config.block_out_channels) - 1)
+    return (
+        jnp.zeros((batch, latent, latent, config.in_channels), jnp.float32),
+        jnp.zeros((batch,), jnp.float32),
+        jnp.zeros((batch, 1, config.cross_attention_dims[0]), jnp.float32),
+    )
+
+
+def _convert(state: Mapping, module, inputs, source: str) -> dict:
+    return torch_to_flax(state, _abstract_params(module, *inputs), source=source)
+
+
+def load_unet(
+    path: str | os.PathLike,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    variant: str | None = None,
+    allow_pickle: bool = False,
+) -> tuple[UNet, dict]:
+    """Load a UNet from a diffusers model folder (or a pipeline folder with `unet/`).
+
+    Args:
+      path: the folder.
+      dtype: compute dtype of the returned module.
+      param_dtype: dtype the weights are cast to.
+      variant: weight variant, e.g. "fp16" for `diffusion_pytorch_model.fp16.safetensors`
+        (default: the plain file, else the fp16 one).
+      allow_pickle: accept `diffusion_pytorch_model.bin` (loaded with
+        `torch.load(weights_only=True)`).
+
+    Returns:
+      `(unet, params)`: the linen module (its `.config` is the `UNetConfig`)
+      and its `params` tree.
+    """
+    folder = _model_dir(Path(path), "unet")
+    config = UNetConfig.from_dict(_read_json(folder / CONFIG_NAME), source=str(folder / CONFIG_NAME))
+    files = _weight_files(folder, variant, allow_pickle)
+    state, _ = _open_state(files, allow_pickle)
+    unet = UNet(config, dtype=dtype, param_dtype=param_dtype)
+    return unet, _convert(state, unet, unet_example_inputs(config), str(files[0]))
+
+
+def load_controlnet(
+    path: str | os.PathLike,
+    config: ControlNetConfig | Mapping | str | os.PathLike | None = None,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    variant: str | None = None,
+    allow_pickle: bool = False,
+) -> tuple[ControlNet, dict]:
+    """Load a ControlNet from a diffusers folder or a single weight file.
+
+    A single file may use diffusers names or the original names
+    (`control_model.*`, as in `control_v11p_sd15_canny.safetensors`; the
+    prefix is optional, and other keys of a full original checkpoint are
+    ignored). Its config comes from, in order: the `config` argument; the
+    config cn_jax stores in the file's metadata; a `config.json` beside it;
+    else it is inferred from the tensor shapes (heads: 8 for 1x1-conv
+    projections as SD 1.x, 64-wide heads for linear projections as SD 2.x).
+
+    Returns:
+      `(controlnet, params)`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        folder = _model_dir(path, "controlnet")
+        cfg_file = folder / CONFIG_NAME
+        cfg = ControlNetConfig.from_dict(_read_json(cfg_file), source=str(cfg_file))
+        if config is not None:
+            cfg = _as_controlnet_config(config)
+        files = _weight_files(folder, variant, allow_pickle)
+        state, _ = _open_state(files, allow_pickle)
+        source = str(files[0])
+    else:
+        if not path.is_file():
+            raise WeightFileError(f"{path}: no such file or folder")
+        state, metadata = _open_state([path], allow_pickle)
+        source = str(path)
+        state = _to_diffusers_names(state, source)
+        if config is not None:
+            cfg = _as_controlnet_config(config)
+        elif CONFIG_METADATA_KEY in metadata:
+            cfg = ControlNetConfig.from_dict(
+                json.loads(metadata[CONFIG_METADATA_KEY]), source=f"{path} metadata"
+            )
+        elif (path.parent / CONFIG_NAME).is_file():
+            cfg_file = path.parent / CONFIG_NAME
+            cfg = ControlNetConfig.from_dict(_read_json(cfg_file), source=str(cfg_file))
+        else:
+            cfg = infer_controlnet_config(state, source)
+    cnet = ControlNet(cfg, dtype=dtype, param_dtype=param_dtype)
+    return cnet, _convert(state, cnet, example_inputs(cfg), source)
+
+
+def _as_controlnet_config(config) -> ControlNetConfig:
+    if isinstance(config, ControlNetConfig):
+        return config
+    if isinstance(config, Mapping):
+        return ControlNetConfig.from_dict(config)
+    p = Path(config)
+    return ControlNetConfig.from_dict(_read_json(p), source=str(p))
+
+
+def _to_diffusers_names(state: _LazyState, source: str) -> _LazyState:
+    """Rename an original-layout state (control_model.*) to diffusers names."""
+    keys = list(state)
+    prefixed = [k for k in keys if k.startswith(original.ORIGINAL_PREFIX)]
+    if prefixed:
+        keys = prefixed  # a full cldm checkpoint: keep only the ControlNet
+    elif not any(k.startswith(("input_blocks.", "zero_convs.", "input_hint_block.")) for k in keys):
+        return state  # already diffusers names
+    lpb = _original_layers_per_block(keys, source)
+    try:
+        # Values are the current names, so the result maps new name -> old name.
+        mapping = original.original_to_diffusers({k: k for k in keys}, lpb)
+    except ValueError as e:
+        raise WeightFileError(f"{source}: {e}") from None
+    return state.renamed(mapping)
+
+
+def _original_layers_per_block(keys: list[str], source: str) -> int:
+    """layers_per_block of an original-layout ControlNet, from its key names.
+
+    The first downsampler sits at input_blocks.{layers_per_block + 1}.0.op; with
+    a single block, the zero convs count 1 + layers_per_block.
+    """
+    ops, zero = [], set()
+    for k in keys:
+        parts = k.removeprefix(original.ORIGINAL_PREFIX).split(".")
+        if parts[0] == "input_blocks" and len(parts) > 3 and parts[3] == "op":
+            ops.append(int(parts[1]))
+        if parts[0] == "zero_convs":
+            zero.add(int(parts[1]))
+    if ops:
+        return min(ops) - 1
+    if zero:
+        return len(zero) - 1
+    raise WeightFileError(f"{source}: original ControlNet layout without input blocks/zero convs")
+
+
+def infer_controlnet_config(state: Mapping, source: str = "weights") -> ControlNetConfig:
+    """Guess a ControlNet config from diffusers-named tensor shapes.
+
+    Everything but the head count and GroupNorm settings is in the shapes; for
+    those the Stable Diffusion conventions are assumed (8 heads with 1x1-conv
+    projections as SD 1.x, heads of width 64 with linear projections as SD 2.x,
+    32 groups). Pass an explicit config when a file breaks these conventions.
+    """
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state:
+            raise WeightFileError(f"{source}: cannot infer the ControlNet config, no {key!r}")
+        return tuple(state.shape(key) if isinstance(state, _LazyState) else state[key].shape)
+
+    keys = list(state)
+    n_blocks = 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("down_blocks."))
+    lpb = 1 + max(int(k.split(".")[3]) for k in keys if k.startswith("down_blocks.0.resnets."))
+    widths = tuple(shape(f"down_blocks.{b}.resnets.0.conv1.weight")[0] for b in range(n_blocks))
+    has_attn = [any(k.startswith(f"down_blocks.{b}.attentions.") for k in keys) for b in range(n_blocks)]  # fmt: skip
+    linear = len(shape("mid_block.attentions.0.proj_in.weight")) == 2
+    heads = tuple(w // 64 for w in widths) if linear else 8
+    layers = []
+    for b in list(range(n_blocks)) + [None]:
+        prefix = f"down_blocks.{b}.attentions.0." if b is not None else "mid_block.attentions.0."
+        blocks = {k.split(".")[k.split(".").index("transformer_blocks") + 1] for k in keys if k.startswith(prefix + "transformer_blocks.")}  # fmt: skip
+        layers.append(max(len(blocks), 1))
+    hint_in = shape("controlnet_cond_embedding.conv_in.weight")
+    paper = hint_in[2] == 4  # the paper's encoder uses 4x4 kernels
+    n_hint = 1 + max(
+        (int(k.split(".")[2]) for k in keys if k.startswith("controlnet_cond_embedding.blocks.")),
+        default=-1,
+    )
+    if paper:
+        hint = (hint_in[0],) + tuple(
+            shape(f"controlnet_cond_embedding.blocks.{j}.weight")[0] for j in range(n_hint)
+        )
+    else:
+        hint = (hint_in[0],) + tuple(
+            shape(f"controlnet_cond_embedding.blocks.{2 * j + 1}.weight")[0]
+            for j in range(n_hint // 2)
+        )
+    ctx = shape("mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight")[1]
+    return ControlNetConfig(
+        in_channels=shape("conv_in.weight")[1],
+        down_block_types=tuple(
+            "CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn
+        ),
+        block_out_channels=widths,
+        layers_per_block=lpb,
+        cross_attention_dim=ctx,
+        attention_head_dim=heads,
+        use_linear_projection=linear,
+        transformer_layers_per_block=layers[0] if len(set(layers)) == 1 else tuple(layers[:-1]),
+        conditioning_channels=hint_in[1],
+        conditioning_embedding_out_channels=hint,
+        conditioning_embedding_type="paper" if paper else "released",
+    )
+
+
+# -- writing --------------------------------------------------------------------
+
+
+def _torch_state(params: Any, dtype) -> dict[str, np.ndarray]:
+    params = params.get("params", params) if isinstance(params, Mapping) else params
+    state = flax_to_torch(params)
+    if dtype is not None:
+        state = {k: v.astype(dtype) for k, v in state.items()}
+    return state
+
+
+def _write_folder(path: Path, config_dict: dict, state: dict[str, np.ndarray]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    config_dict = {**config_dict, "_diffusers_version": DIFFUSERS_COMPAT_VERSION}
+    write_safetensors(path / f"{WEIGHTS_NAME}.safetensors", state, metadata={"format": "pt"})
+    tmp = path / f".{CONFIG_NAME}.tmp"
+    tmp.write_text(json.dumps(config_dict, indent=2) + "\n")
+    os.replace(tmp, path / CONFIG_NAME)
+
+
+def save_unet(path: str | os.PathLike, unet: UNet, params: Any, dtype=None) -> None:
+    """Write a diffusers UNet folder (`config.json` + `diffusion_pytorch_model.safetensors`)."""
+    _write_folder(Path(path), unet.config.to_dict(), _torch_state(params, dtype))
+
+
+def save_controlnet(
+    path: str | os.PathLike,
+    cnet: ControlNet,
+    cnet_params: Any,
+    format: str = "diffusers",
+    dtype=None,
+) -> None:
+    """Save a ControlNet for the PyTorch world.
+
+    Args:
+      path: `format="diffusers"`: a folder (created) with `config.json` and
+        `diffusion_pytorch_model.safetensors`, loadable by diffusers'
+        `ControlNetModel.from_pretrained`. `format="original"`: one
+        `.safetensors` file with lllyasviel's `control_model.*` names, as the
+        released `control_v11p_*.safetensors` files.
+      cnet: the module (for its config).
+      cnet_params: its `params` tree.
+      format: "diffusers" or "original".
+      dtype: cast the weights (e.g. `np.float16`); default: as they are.
+
+    Files are written atomically: a crash leaves any previous file intact.
+    """
+    state = _torch_state(cnet_params, dtype)
+    path = Path(path)
+    if format == "diffusers":
+        _write_folder(path, cnet.config.to_dict(), state)
+    elif format == "original":
+        if path.suffix != ".safetensors":
+            raise ValueError(f"format='original' writes one .safetensors file; got {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = original.diffusers_to_original(state, cnet.config.layers_per_block)
+        config_json = json.dumps(cnet.config.to_dict())
+        write_safetensors(path, out, metadata={"format": "pt", CONFIG_METADATA_KEY: config_json})
+    else:
+        raise ValueError(f"save_controlnet: format must be 'diffusers' or 'original', got {format!r}")
