@@ -1,0 +1,13 @@
+"""Test setup: 8 virtual CPU devices (set before JAX starts), float32 matmuls at
+full precision, and `reference` (the PyTorch side) importable."""
+
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import jax  # noqa: E402
+
+# Parity is measured in true float32 (GPUs would otherwise use TF32 matmuls).
+jax.config.update("jax_default_matmul_precision", "highest")

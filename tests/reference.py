@@ -1,0 +1,168 @@
+"""PyTorch reference models (diffusers, CPU) with random weights in every parameter,
+and the helpers that compare them with ours."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+
+from cn_jax.models.config import ControlNetConfig, UNetConfig
+from cn_jax.weights.folders import unet_example_inputs
+from cn_jax.weights.keymap import torch_to_flax
+
+# Three small shapes of the real architectures. Each name maps to
+# (UNet2DConditionModel kwargs, ControlNetModel.from_unet kwargs, latent size).
+CONFIGS = {
+    # SD 1.5 layout: 4 blocks (3 with cross-attention), 12 skip residuals,
+    # 1x1-conv projections, one head count for all blocks, released encoder
+    # with its default widths (16, 32, 96, 256). Latent 12 is not a multiple
+    # of 8, so the odd-size upsampling path runs too.
+    "sd15": (
+        dict(
+            block_out_channels=(32, 32, 64, 64),
+            down_block_types=(
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ),
+            up_block_types=(
+                "UpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+            ),
+            layers_per_block=2,
+            norm_num_groups=8,
+            cross_attention_dim=32,
+            attention_head_dim=4,
+        ),
+        dict(),
+        12,
+    ),
+    # SD 2.x layout: linear projections, per-block head counts (head width 16),
+    # upcast attention; bgr condition order with 3 channels (a real flip).
+    "sd2": (
+        dict(
+            block_out_channels=(32, 64, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=2,
+            norm_num_groups=8,
+            cross_attention_dim=24,
+            attention_head_dim=(2, 4, 4),
+            use_linear_projection=True,
+            upcast_attention=True,
+        ),
+        dict(controlnet_conditioning_channel_order="bgr", conditioning_embedding_out_channels=(8, 16, 16, 32)),  # fmt: skip
+        8,
+    ),
+    # One-channel condition in bgr order (as the issue asks), one layer per
+    # block, two transformer layers per block, only-cross-attention blocks.
+    "gray": (
+        dict(
+            block_out_channels=(16, 32),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=1,
+            norm_num_groups=4,
+            cross_attention_dim=16,
+            attention_head_dim=2,
+            transformer_layers_per_block=2,
+            only_cross_attention=True,
+        ),
+        dict(
+            conditioning_channels=1,
+            controlnet_conditioning_channel_order="bgr",
+            conditioning_embedding_out_channels=(8, 8, 16, 16),
+        ),
+        8,
+    ),
+}
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random values in *every* parameter, zero convs included: a zero weight
+    would hide a wrong key or layout."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.ndim > 1:  # conv / linear weights: unit-variance outputs
+                p.copy_(noise / np.sqrt(p[0].numel()))
+            elif name.endswith("weight"):  # norm gains around 1
+                p.copy_(1.0 + 0.3 * noise)
+            else:  # biases
+                p.copy_(0.3 * noise)
+    return model.eval()
+
+
+@functools.cache
+def torch_unet(name: str, seed: int = 0) -> UNet2DConditionModel:
+    unet_kwargs, _, _ = CONFIGS[name]
+    torch.manual_seed(seed)
+    return randomize_(UNet2DConditionModel(**unet_kwargs), seed)
+
+
+@functools.cache
+def torch_controlnet(name: str, seed: int = 1) -> ControlNetModel:
+    _, cn_kwargs, _ = CONFIGS[name]
+    return randomize_(ControlNetModel.from_unet(torch_unet(name), **cn_kwargs), seed)
+
+
+def state_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def flax_unet_params(model: UNet2DConditionModel):
+    import jax
+
+    from cn_jax.models.unet import UNet
+
+    cfg = UNetConfig.from_dict(dict(model.config))
+    unet = UNet(cfg)
+    abstract = jax.eval_shape(unet.init, jax.random.PRNGKey(0), *unet_example_inputs(cfg))
+    return unet, torch_to_flax(state_numpy(model), abstract["params"])
+
+
+def flax_controlnet_params(model: ControlNetModel):
+    import jax
+
+    from cn_jax.models.controlnet import ControlNet, example_inputs
+
+    cfg = ControlNetConfig.from_dict(dict(model.config))
+    cnet = ControlNet(cfg)
+    abstract = jax.eval_shape(cnet.init, jax.random.PRNGKey(0), *example_inputs(cfg))
+    return cnet, torch_to_flax(state_numpy(model), abstract["params"])
+
+
+def inputs(name: str, batch: int = 2, seed: int = 0):
+    """NHWC numpy inputs: sample, timesteps, context, condition (pixel size)."""
+    unet_kwargs, cn_kwargs, latent = CONFIGS[name]
+    rng = np.random.default_rng(seed)
+    cond_ch = cn_kwargs.get("conditioning_channels", 3)
+    factor = 2 ** (len(cn_kwargs.get("conditioning_embedding_out_channels", (0,) * 4)) - 1)
+    return (
+        rng.standard_normal((batch, latent, latent, 4), dtype=np.float32),
+        np.array([999.0, 17.0, 500.0, 1.0][:batch], np.float32),
+        rng.standard_normal((batch, 7, unet_kwargs["cross_attention_dim"]), dtype=np.float32),
+        rng.random((batch, latent * factor, latent * factor, cond_ch), dtype=np.float32),
+    )
+
+
+def nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+
+
+def nhwc(x: torch.Tensor) -> np.ndarray:
+    return x.detach().permute(0, 2, 3, 1).numpy()
+
+
+def max_rel_err(ours, ref) -> float:
+    """max |ours - ref| / max |ref| (the figure the issues report)."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
