@@ -5,6 +5,7 @@ import os
 import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402

@@ -57,11 +57,15 @@ CONFIGS = {
             use_linear_projection=True,
             upcast_attention=True,
         ),
-        dict(controlnet_conditioning_channel_order="bgr", conditioning_embedding_out_channels=(8, 16, 16, 32)),  # fmt: skip
+        dict(
+            controlnet_conditioning_channel_order="bgr",
+            conditioning_embedding_out_channels=(8, 16, 16, 32),
+        ),  # fmt: skip
         8,
     ),
     # One-channel condition in bgr order (as the issue asks), one layer per
-    # block, two transformer layers per block, only-cross-attention blocks.
+    # block, two transformer layers per block, only-cross-attention blocks,
+    # sin-before-cos timestep features with a frequency shift, norm_eps 1e-6.
     "gray": (
         dict(
             block_out_channels=(16, 32),
@@ -73,6 +77,9 @@ CONFIGS = {
             attention_head_dim=2,
             transformer_layers_per_block=2,
             only_cross_attention=True,
+            flip_sin_to_cos=False,
+            freq_shift=1,
+            norm_eps=1e-6,
         ),
         dict(
             conditioning_channels=1,

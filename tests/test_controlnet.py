@@ -9,6 +9,15 @@ import pytest
 import torch
 from diffusers import ControlNetModel
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+from cn_jax import (
+    ControlledBlock,
+    ControlNet,
+    ControlNetConfig,
+    combine_controlnet_residuals,
+    init_controlnet_from_unet,
+)
+
 from reference import (
     CONFIGS,
     flax_controlnet_params,
@@ -21,14 +30,6 @@ from reference import (
     state_numpy,
     torch_controlnet,
     torch_unet,
-)
-
-from cn_jax import (
-    ControlledBlock,
-    ControlNet,
-    ControlNetConfig,
-    combine_controlnet_residuals,
-    init_controlnet_from_unet,
 )
 
 TOL = 1e-4
@@ -80,7 +81,8 @@ def test_guess_mode_matches_diffusers():
     cnet, cp = flax_controlnet_params(tc)
     x, t, ctx, cond = inputs("sd15")
     ours = cnet.apply({"params": cp}, x, t, ctx, cond, conditioning_scale=0.8, guess_mode=True)
-    _assert_residuals(ours, _torch_cn(tc, x, t, ctx, cond, conditioning_scale=0.8, guess_mode=True), "guess")  # fmt: skip
+    ref = _torch_cn(tc, x, t, ctx, cond, conditioning_scale=0.8, guess_mode=True)
+    _assert_residuals(ours, ref, "guess")
 
 
 def test_global_pool_conditions_match_diffusers():
@@ -102,7 +104,9 @@ def test_bgr_order_flips_channels():
     rgb_cnet = ControlNet(cnet.config.replace(controlnet_conditioning_channel_order="rgb"))
     flipped = rgb_cnet.apply({"params": cp}, x, t, ctx, cond[..., ::-1])
     np.testing.assert_allclose(bgr[1], flipped[1], rtol=1e-6, atol=1e-6)
-    assert np.abs(np.asarray(bgr[1]) - rgb_cnet.apply({"params": cp}, x, t, ctx, cond)[1]).max() > 1e-3
+    assert (
+        np.abs(np.asarray(bgr[1]) - rgb_cnet.apply({"params": cp}, x, t, ctx, cond)[1]).max() > 1e-3
+    )
 
 
 @pytest.mark.parametrize("name", ["sd15", "gray"])
@@ -240,7 +244,9 @@ def test_controlled_block_identity_and_gradients():
     # At init only zero_out gets a gradient (the paper's first-step argument).
     assert np.abs(g0["zero_out"]["kernel"]).max() > 0
     # After one update of the zero convs, the copy and zero_in learn too.
-    params["zero_out"] = jax.tree_util.tree_map(lambda a, g: a - 0.1 * g, params["zero_out"], g0["zero_out"])  # fmt: skip
+    params["zero_out"] = jax.tree_util.tree_map(
+        lambda a, g: a - 0.1 * g, params["zero_out"], g0["zero_out"]
+    )
     params["zero_in"]["kernel"] = params["zero_in"]["kernel"] + 0.1
     g = jax.grad(loss)(params)
     for name in ("copy", "zero_in", "zero_out"):

@@ -4,6 +4,9 @@ import jax
 import numpy as np
 import pytest
 import torch
+
+from cn_jax.models.config import UNetConfig
+
 from reference import (
     CONFIGS,
     flax_unet_params,
@@ -14,8 +17,6 @@ from reference import (
     torch_controlnet,
     torch_unet,
 )
-
-from cn_jax.models.config import UNetConfig
 
 TOL = 1e-4  # float32 max relative error
 

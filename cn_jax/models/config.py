@@ -124,8 +124,7 @@ class EncoderConfig:
                 f"config field cross_attention_dim={self.cross_attention_dim!r}: per-block values "
                 "must all be equal (one text encoder feeds every block)"
             )
-        self.transformer_layers
-        self.only_cross_per_block
+        _ = (self.transformer_layers, self.only_cross_per_block)  # validate per-block lengths
 
     # -- per-block views of the int-or-tuple fields -------------------------
     @property
@@ -317,9 +316,7 @@ class ControlNetConfig(EncoderConfig):
         global_pool_conditions: bool = False,
     ) -> ControlNetConfig:
         """A ControlNet config whose encoder copies `unet_config` (diffusers' `from_unet`)."""
-        shared = {
-            f.name: getattr(unet_config, f.name) for f in dataclasses.fields(EncoderConfig)
-        }
+        shared = {f.name: getattr(unet_config, f.name) for f in dataclasses.fields(EncoderConfig)}
         return cls(
             **shared,
             conditioning_channels=conditioning_channels,

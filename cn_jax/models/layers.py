@@ -71,7 +71,9 @@ class TimestepEmbedding(nn.Module):
         return nn.Dense(self.features, name="linear_2", **dense)(x)
 
 
-def group_norm(groups: int, eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.GroupNorm:
+def group_norm(
+    groups: int, eps: float, dtype: Dtype, param_dtype: Dtype, name: str
+) -> nn.GroupNorm:
     # Exact two-pass variance: the fast E[x^2]-E[x]^2 form loses digits that
     # the 1e-4 parity budget cannot afford on large activations.
     return nn.GroupNorm(

@@ -298,7 +298,7 @@ class UNet(nn.Module):
         if mid_block_additional_residual is not None:
             x = x + mid_block_additional_residual.astype(x.dtype)
 
-        for i, block in enumerate(self.up_blocks):
+        for block in self.up_blocks:
             n_skip = block.num_layers
             block_skips, skips = skips[-n_skip:], skips[:-n_skip]
             # Non-multiple sizes: upsample to the next skip's size (diffusers'

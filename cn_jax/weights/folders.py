@@ -179,7 +179,9 @@ def load_unet(
       and its `params` tree.
     """
     folder = _model_dir(Path(path), "unet")
-    config = UNetConfig.from_dict(_read_json(folder / CONFIG_NAME), source=str(folder / CONFIG_NAME))
+    config = UNetConfig.from_dict(
+        _read_json(folder / CONFIG_NAME), source=str(folder / CONFIG_NAME)
+    )
     files = _weight_files(folder, variant, allow_pickle)
     state, _ = _open_state(files, allow_pickle)
     unet = UNet(config, dtype=dtype, param_dtype=param_dtype)
@@ -302,13 +304,16 @@ def infer_controlnet_config(state: Mapping, source: str = "weights") -> ControlN
     n_blocks = 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("down_blocks."))
     lpb = 1 + max(int(k.split(".")[3]) for k in keys if k.startswith("down_blocks.0.resnets."))
     widths = tuple(shape(f"down_blocks.{b}.resnets.0.conv1.weight")[0] for b in range(n_blocks))
-    has_attn = [any(k.startswith(f"down_blocks.{b}.attentions.") for k in keys) for b in range(n_blocks)]  # fmt: skip
+    has_attn = [
+        any(k.startswith(f"down_blocks.{b}.attentions.") for k in keys) for b in range(n_blocks)
+    ]
     linear = len(shape("mid_block.attentions.0.proj_in.weight")) == 2
     heads = tuple(w // 64 for w in widths) if linear else 8
     layers = []
     for b in list(range(n_blocks)) + [None]:
         prefix = f"down_blocks.{b}.attentions.0." if b is not None else "mid_block.attentions.0."
-        blocks = {k.split(".")[k.split(".").index("transformer_blocks") + 1] for k in keys if k.startswith(prefix + "transformer_blocks.")}  # fmt: skip
+        start = prefix + "transformer_blocks."
+        blocks = {k[len(start) :].split(".")[0] for k in keys if k.startswith(start)}
         layers.append(max(len(blocks), 1))
     hint_in = shape("controlnet_cond_embedding.conv_in.weight")
     paper = hint_in[2] == 4  # the paper's encoder uses 4x4 kernels
@@ -328,9 +333,7 @@ def infer_controlnet_config(state: Mapping, source: str = "weights") -> ControlN
     ctx = shape("mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight")[1]
     return ControlNetConfig(
         in_channels=shape("conv_in.weight")[1],
-        down_block_types=tuple(
-            "CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn
-        ),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn),
         block_out_channels=widths,
         layers_per_block=lpb,
         cross_attention_dim=ctx,
@@ -402,4 +405,6 @@ def save_controlnet(
         config_json = json.dumps(cnet.config.to_dict())
         write_safetensors(path, out, metadata={"format": "pt", CONFIG_METADATA_KEY: config_json})
     else:
-        raise ValueError(f"save_controlnet: format must be 'diffusers' or 'original', got {format!r}")
+        raise ValueError(
+            f"save_controlnet: format must be 'diffusers' or 'original', got {format!r}"
+        )

@@ -1,0 +1,69 @@
+"""`cn-jax` command line: parse, then call the library.
+
+cn-jax info                                   versions and devices
+cn-jax convert IN OUT --format diffusers|original [--dtype float16] [--allow-pickle]
+                                              a ControlNet from one layout to the other
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _info(args: argparse.Namespace) -> int:
+    import flax
+    import jax
+
+    import cn_jax
+
+    print(f"cn_jax {cn_jax.__version__}, jax {jax.__version__}, flax {flax.__version__}")
+    print(f"backend {jax.default_backend()}: {jax.devices()}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+
+    import cn_jax
+
+    cnet, params = cn_jax.load_controlnet(args.input, allow_pickle=args.allow_pickle)
+    dtype = jnp.dtype(args.dtype) if args.dtype else None
+    cn_jax.save_controlnet(args.output, cnet, params, format=args.format, dtype=dtype)
+    print(f"wrote {args.output} ({args.format})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cn-jax", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="print versions and devices").set_defaults(func=_info)
+    conv = sub.add_parser("convert", help="convert a ControlNet between file layouts")
+    conv.add_argument("input", help="diffusers folder or .safetensors (diffusers or original keys)")
+    conv.add_argument("output", help="folder (diffusers) or .safetensors file (original)")
+    conv.add_argument("--format", choices=("diffusers", "original"), default="diffusers")
+    conv.add_argument("--dtype", choices=DTYPES, default=None, help="cast the saved weights")
+    conv.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept .bin/.ckpt/.pth input (torch.load with weights_only=True)",
+    )
+    conv.set_defaults(func=_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from cn_jax.weights.errors import WeightFileError
+
+    try:
+        return args.func(args)
+    except (WeightFileError, ValueError) as e:
+        print(f"cn-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
