@@ -10,7 +10,7 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from cn_jax.models.config import ControlNetConfig, UNetConfig
-from cn_jax.weights.folders import unet_example_inputs
+from cn_jax.models.unet import example_inputs as unet_example_inputs
 from cn_jax.weights.keymap import torch_to_flax
 
 # Three small shapes of the real architectures. Each name maps to

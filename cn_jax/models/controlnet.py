@@ -81,6 +81,15 @@ class PaperConditioningEmbedding(nn.Module):
         return zero_conv(self.out_channels, d, p, "conv_out")(x)
 
 
+def condition_encoder(config: ControlNetConfig, dtype: Dtype, param_dtype: Dtype) -> nn.Module:
+    """The condition encoder the config selects, ending at the first block's width."""
+    c = config
+    width, ch = c.block_out_channels[0], c.conditioning_embedding_out_channels
+    if c.is_released:
+        return ReleasedConditioningEmbedding(width, ch, dtype, param_dtype)
+    return PaperConditioningEmbedding(width, ch, c.latent_factor, dtype, param_dtype)
+
+
 class ControlNet(nn.Module):
     """Trainable encoder copy + condition encoder + 12 (+1) zero convs.
 
@@ -114,15 +123,7 @@ class ControlNet(nn.Module):
         self.time_embedding = enc["time_embedding"]
         self.down_blocks = enc["down_blocks"]
         self.mid_block = enc["mid_block"]
-        width = c.block_out_channels[0]
-        if c.is_released:
-            self.controlnet_cond_embedding = ReleasedConditioningEmbedding(
-                width, c.conditioning_embedding_out_channels, d, p
-            )
-        else:
-            self.controlnet_cond_embedding = PaperConditioningEmbedding(
-                width, c.conditioning_embedding_out_channels, c.latent_factor, d, p
-            )
+        self.controlnet_cond_embedding = condition_encoder(c, d, p)
         widths = residual_channels(c)
         self.controlnet_down_blocks = [
             zero_conv(w, d, p, f"controlnet_down_blocks_{i}") for i, w in enumerate(widths)
@@ -234,17 +235,9 @@ def init_controlnet_from_unet(
     model = ControlNet(config, param_dtype=param_dtype)
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), *example_inputs(config))["params"]
 
-    c = config
-    emb_cls = ReleasedConditioningEmbedding if c.is_released else PaperConditioningEmbedding
-    emb_kwargs = dict(
-        out_channels=c.block_out_channels[0],
-        block_out_channels=c.conditioning_embedding_out_channels,
-        param_dtype=param_dtype,
-    )
-    if not c.is_released:
-        emb_kwargs["latent_factor"] = c.latent_factor
-    cond = example_inputs(c)[3]
-    cond_params = emb_cls(**emb_kwargs).init(rng, cond)["params"]
+    # Only the condition encoder is new and random: init it alone (cheap).
+    cond = example_inputs(config)[3]
+    cond_params = condition_encoder(config, jnp.float32, param_dtype).init(rng, cond)["params"]
 
     problems = []
     out: dict[str, Any] = {}
@@ -267,19 +260,26 @@ def init_controlnet_from_unet(
 
 
 def _copy_checked(src: Any, abstract: Any, prefix: str, problems: list[str]) -> Any:
+    """A fresh copy of `src` shaped and typed like `abstract`; mismatches go to `problems`."""
     flat_src = {_path_str(k): v for k, v in jax.tree_util.tree_leaves_with_path(src)}
-    flat_abs = jax.tree_util.tree_leaves_with_path(abstract)
-    for path, spec in flat_abs:
+    expected = set()
+
+    def copy_leaf(path, spec):
         key = _path_str(path)
+        expected.add(key)
         if key not in flat_src:
             problems.append(f"missing {prefix}/{key}")
         elif tuple(np.shape(flat_src[key])) != tuple(spec.shape):
             problems.append(
                 f"{prefix}/{key}: shape {tuple(np.shape(flat_src[key]))}, expected {spec.shape}"
             )
-    return jax.tree_util.tree_map(
-        lambda s: jnp.array(s, dtype=s.dtype, copy=True) if hasattr(s, "dtype") else s, src
-    )
+        else:
+            return jnp.array(flat_src[key], dtype=spec.dtype, copy=True)
+        return None
+
+    out = jax.tree_util.tree_map_with_path(copy_leaf, abstract)
+    problems += [f"unexpected {prefix}/{k}" for k in sorted(set(flat_src) - expected)]
+    return out
 
 
 def combine_controlnet_residuals(

@@ -209,6 +209,16 @@ def time_features(config: EncoderConfig, timesteps: jax.Array, batch: int, dtype
     return emb.astype(dtype)
 
 
+def example_inputs(config: UNetConfig, batch: int = 1):
+    """Smallest valid inputs for `UNet.init` / `eval_shape` (sample, t, context)."""
+    latent = 2 ** (len(config.block_out_channels) - 1)
+    return (
+        jnp.zeros((batch, latent, latent, config.in_channels), jnp.float32),
+        jnp.zeros((batch,), jnp.float32),
+        jnp.zeros((batch, 1, config.cross_attention_dims[0]), jnp.float32),
+    )
+
+
 class UNet(nn.Module):
     """Stable Diffusion 1.x/2.x denoiser.
 

@@ -27,6 +27,7 @@ from cn_jax.models.config import ControlNetConfig, UNetConfig
 from cn_jax.models.controlnet import ControlNet, example_inputs
 from cn_jax.models.layers import Dtype
 from cn_jax.models.unet import UNet
+from cn_jax.models.unet import example_inputs as unet_example_inputs
 from cn_jax.weights import original
 from cn_jax.weights.errors import WeightFileError
 from cn_jax.weights.keymap import flax_to_torch, torch_to_flax
@@ -140,16 +141,6 @@ def _read_json(path: Path) -> dict:
 
 def _abstract_params(module, *inputs) -> Any:
     return jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)["params"]
-
-
-def unet_example_inputs(config: UNetConfig, batch: int = 1):
-    """Smallest valid inputs for `UNet.init` / `eval_shape` (sample, t, context)."""
-    latent = 2 ** (len(config.block_out_channels) - 1)
-    return (
-        jnp.zeros((batch, latent, latent, config.in_channels), jnp.float32),
-        jnp.zeros((batch,), jnp.float32),
-        jnp.zeros((batch, 1, config.cross_attention_dims[0]), jnp.float32),
-    )
 
 
 def _convert(state: Mapping, module, inputs, source: str) -> dict:
