@@ -140,19 +140,21 @@ class ResnetBlock2D(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, temb: jax.Array | None) -> jax.Array:
+        """`temb=None`: a block without time conditioning (the VAE's), no time_emb_proj."""
         d, p = self.dtype, self.param_dtype
         h = group_norm(self.groups, self.eps, d, p, "norm1")(x)
         h = nn.silu(h)
         h = conv(self.out_channels, 3, d, p, "conv1")(h)
-        t = nn.Dense(
-            self.out_channels,
-            dtype=d,
-            param_dtype=p,
-            kernel_init=torch_like_kernel_init,
-            name="time_emb_proj",
-        )(nn.silu(temb))
-        h = h + t[:, None, None, :]
+        if temb is not None:
+            t = nn.Dense(
+                self.out_channels,
+                dtype=d,
+                param_dtype=p,
+                kernel_init=torch_like_kernel_init,
+                name="time_emb_proj",
+            )(nn.silu(temb))
+            h = h + t[:, None, None, :]
         h = group_norm(self.groups, self.eps, d, p, "norm2")(h)
         h = nn.silu(h)
         h = conv(self.out_channels, 3, d, p, "conv2")(h)

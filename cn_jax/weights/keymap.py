@@ -5,7 +5,8 @@ One documented rule, applied to the target tree from `jax.eval_shape`:
 - a Flax path component `name_N` is the PyTorch pair `name.N` (list index),
   except the literal diffusers names in `LITERAL_NAMES` (`linear_1`, `linear_2`);
 - leaf `kernel` is `weight`: 4-D conv kernels HWIO <-> OIHW, 2-D dense kernels
-  transposed; leaf `scale` (a norm's gain) is `weight`; `bias` is `bias`.
+  transposed; leaves `scale` (a norm's gain) and `embedding` (an `nn.Embed`
+  table) are `weight` as they are; `bias` is `bias`.
 
 So `down_blocks.0.resnets.1.conv1.weight` <-> `down_blocks_0/resnets_1/conv1/kernel`.
 Conversion checks every key against the target tree and raises one error
@@ -27,7 +28,7 @@ from cn_jax.weights.errors import WeightFileError
 # diffusers attribute names that end in _<digit> but are not list indices.
 LITERAL_NAMES = frozenset({"linear_1", "linear_2"})
 _INDEXED = re.compile(r"^(.*)_(\d+)$")
-_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
 def torch_key(path: tuple[str, ...]) -> str:
