@@ -6,8 +6,10 @@ Public API (external checks call exactly these names):
     cnet, cnet_params = cn_jax.load_controlnet(path)
     cn_jax.save_controlnet(path, cnet, cnet_params, format="diffusers")  # or "original"
     cnet_params = cn_jax.init_controlnet_from_unet(unet_params, cnet.config)
+    sd = cn_jax.load_pipeline(path)  # frozen components: unet, vae, text encoder, tokenizer
 """
 
+from cn_jax.diffusion import NoiseScheduleConfig
 from cn_jax.models import (
     ControlledBlock,
     ControlNet,
@@ -24,6 +26,7 @@ from cn_jax.weights import (
     save_controlnet,
     save_unet,
 )
+from cn_jax.weights.sd import StableDiffusion, load_pipeline
 
 __version__ = "0.1.0"
 
@@ -31,12 +34,15 @@ __all__ = [
     "ControlNet",
     "ControlNetConfig",
     "ControlledBlock",
+    "NoiseScheduleConfig",
+    "StableDiffusion",
     "UNet",
     "UNetConfig",
     "WeightFileError",
     "combine_controlnet_residuals",
     "init_controlnet_from_unet",
     "load_controlnet",
+    "load_pipeline",
     "load_unet",
     "save_controlnet",
     "save_unet",

@@ -36,6 +36,44 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init_controlnet(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import jax
+
+    import cn_jax
+
+    base = Path(args.base)
+    if base.is_file():  # one original checkpoint: its UNet, with a named config
+        unet, unet_params = _unet_from_single_file(base, args.config, args.allow_pickle)
+    else:
+        unet, unet_params = cn_jax.load_unet(base, allow_pickle=args.allow_pickle)
+    config = cn_jax.ControlNetConfig.from_unet(
+        unet.config,
+        conditioning_channels=args.conditioning_channels,
+        controlnet_conditioning_channel_order=args.channel_order,
+        conditioning_embedding_type=args.encoder,
+    )
+    params = cn_jax.init_controlnet_from_unet(unet_params, config)
+    cn_jax.save_controlnet(args.out, cn_jax.ControlNet(config), params, format="diffusers")
+    n = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    print(f"wrote {args.out}: ControlNet ({n / 1e6:.1f}M parameters) initialised from {base}")
+    return 0
+
+
+def _unet_from_single_file(path, config, allow_pickle):
+    import warnings
+
+    import cn_jax
+
+    if config is None:
+        raise ValueError(f"{path} is a single checkpoint: pass --config sd15 or sd21")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no tokenizer needed here
+        sd = cn_jax.load_pipeline(path, config=config, allow_pickle=allow_pickle)
+    return sd.unet, sd.unet_params
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cn-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept .bin/.ckpt/.pth input (torch.load with weights_only=True)",
     )
     conv.set_defaults(func=_convert)
+
+    init = sub.add_parser(
+        "init-controlnet", help="a new ControlNet initialised from a base model's UNet"
+    )
+    init.add_argument(
+        "--base", required=True, help="diffusers pipeline or unet folder, or one checkpoint"
+    )
+    init.add_argument("--out", required=True, help="output folder (diffusers format)")
+    init.add_argument("--config", default=None, help="named config for a single checkpoint")
+    init.add_argument("--conditioning-channels", type=int, default=3)
+    init.add_argument("--channel-order", choices=("rgb", "bgr"), default="rgb")
+    init.add_argument("--encoder", choices=("released", "paper"), default="released")
+    init.add_argument("--allow-pickle", action="store_true")
+    init.set_defaults(func=_init_controlnet)
     return parser
 
 

@@ -1,5 +1,6 @@
 """Linen modules: the Stable Diffusion UNet, the ControlNet and their layers. No I/O."""
 
+from cn_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from cn_jax.models.config import ControlNetConfig, UNetConfig
 from cn_jax.models.controlnet import (
     ControlledBlock,
@@ -8,8 +9,13 @@ from cn_jax.models.controlnet import (
     init_controlnet_from_unet,
 )
 from cn_jax.models.unet import UNet
+from cn_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 
 __all__ = [
+    "AutoencoderKL",
+    "AutoencoderKLConfig",
+    "CLIPTextConfig",
+    "CLIPTextModel",
     "ControlNet",
     "ControlNetConfig",
     "ControlledBlock",

@@ -105,27 +105,37 @@ def _model_dir(path: Path, subfolder: str) -> Path:
     )
 
 
-def _weight_files(folder: Path, variant: str | None, allow_pickle: bool) -> list[Path]:
-    """The weight files of a diffusers model folder, in diffusers' order of preference."""
-    stems = [f"{WEIGHTS_NAME}.{variant}"] if variant else [WEIGHTS_NAME, f"{WEIGHTS_NAME}.fp16"]
-    for stem in stems:
-        single = folder / f"{stem}.safetensors"
+def _weight_files(
+    folder: Path,
+    variant: str | None,
+    allow_pickle: bool,
+    stem: str = WEIGHTS_NAME,
+    pickle_name: str | None = None,
+) -> list[Path]:
+    """The weight files of a model folder, in diffusers' order of preference.
+
+    `stem` is diffusers' `diffusion_pytorch_model` or transformers' `model`;
+    `pickle_name` the legacy pickle file (default `<stem>.bin`).
+    """
+    stems = [f"{stem}.{variant}"] if variant else [stem, f"{stem}.fp16"]
+    for name in stems:
+        single = folder / f"{name}.safetensors"
         if single.is_file():
             return [single]
-        index = folder / f"{stem}.safetensors.index.json"
+        index = folder / f"{name}.safetensors.index.json"
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError) as e:
                 raise WeightFileError(f"{index}: not a safetensors index ({e})") from None
-            return [folder / name for name in sorted(set(weight_map.values()))]
-    pickles = [folder / f"{stem}.bin" for stem in stems if (folder / f"{stem}.bin").is_file()]
-    if pickles:
+            return [folder / f for f in sorted(set(weight_map.values()))]
+    pickle = folder / (pickle_name or f"{stem}.bin")
+    if pickle.is_file():
         if not allow_pickle:
-            load_pickle_checkpoint(pickles[0], allow_pickle=False)  # raises the explanation
-        return pickles[:1]
+            load_pickle_checkpoint(pickle, allow_pickle=False)  # raises the explanation
+        return [pickle]
     raise WeightFileError(
-        f"{folder}: no weights found (looked for {', '.join(s + '.safetensors' for s in stems)})"
+        f"{folder}: no weights found (looked for {', '.join(n + '.safetensors' for n in stems)})"
     )
 
 

@@ -108,8 +108,12 @@ def torch_to_flax(
             want = tuple(to_torch_layout(path[-1], np.empty(spec.shape, np.bool_)).shape)
             mis_shaped.append(f"{key}: file has {torch_shape}, model expects {want}")
             continue
-        # One tensor at a time onto the device: the host copy is freed as we go.
-        flat[path] = jnp.asarray(value, dtype=spec.dtype if cast else value.dtype)
+        # One tensor at a time onto the device, waiting for each transfer:
+        # async transfers would keep every host copy alive until they ran,
+        # i.e. a second full copy of the weights in host memory.
+        array = jnp.asarray(value, dtype=spec.dtype if cast else value.dtype)
+        flat[path] = array.block_until_ready()
+        del value
     unexpected = sorted(set(state) - used)
     if missing or unexpected or mis_shaped:
         lines = [f"{source} does not match the model:"]

@@ -1,0 +1,421 @@
+"""CLIP text encoder as Stable Diffusion uses it: transformers' `CLIPTextModel`.
+
+SD 1.x: OpenAI CLIP ViT-L/14 text tower (768 wide, 12 layers, quick_gelu).
+SD 2.x: OpenCLIP ViT-H text tower as diffusers stores it in transformers'
+`CLIPTextModel` layout (1024 wide, 23 layers, gelu). Same module, two configs.
+
+Module names are transformers' attribute names with list indices joined by
+`_`, so `cn_jax.weights.keymap` converts weights by its one rule:
+`text_model.encoder.layers.3.self_attn.q_proj.weight` <->
+`text_model/encoder/layers_3/self_attn/q_proj/kernel`,
+`text_model.embeddings.token_embedding.weight` <->
+`text_model/embeddings/token_embedding/embedding`.
+
+Semantics (transformers' `modeling_clip.py`): token + learned position
+embeddings (positions 0..L-1), pre-LayerNorm causal self-attention blocks, a
+final LayerNorm; the pooled output is the hidden state at the end-of-text token:
+the position of the largest id when `eos_token_id == 2` (the legacy value that
+SD 1.x/2.x `config.json` files carry: `<|endoftext|>` is CLIP's highest id),
+else the first position holding `eos_token_id`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cn_jax.models.layers import Dtype
+
+HIDDEN_ACTS = ("quick_gelu", "gelu")
+# transformers >= 5 saves and names CLIPTextModel weights without the
+# `text_model.` prefix; diffusers folders and older transformers use it. Our
+# tree (and so `keymap`) uses the prefixed names; see `canonical_torch_state`.
+TORCH_PREFIX = "text_model."
+# Buffers that some state dicts carry but that are not weights (drop on load).
+IGNORED_TORCH_KEYS = ("text_model.embeddings.position_ids",)
+
+# Generic `PretrainedConfig` fields that transformers writes into every
+# config.json (and the `dropout` of older CLIPTextConfig files, which CLIP's
+# text model never used). None of them changes the computation: ignored on read.
+_IGNORED_FIELDS = frozenset(
+    {
+        "transformers_version", "dtype", "torch_dtype", "use_bfloat16", "torchscript",
+        "output_hidden_states", "output_attentions", "return_dict", "output_scores",
+        "return_dict_in_generate", "use_cache", "gradient_checkpointing", "tf_legacy_loss",
+        "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention",
+        "cross_attention_hidden_size", "tie_encoder_decoder", "tie_word_embeddings",
+        "id2label", "label2id", "num_labels", "problem_type", "finetuning_task",
+        "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
+        "task_specific_params", "max_length", "min_length", "do_sample", "early_stopping",
+        "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p",
+        "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+        "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
+        "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+        "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+        "dropout",
+    }
+)  # fmt: skip
+# Fields accepted only at one value: anything else describes another model.
+_FIXED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "model_type": ("clip_text_model",),
+    "architectures": (None, ("CLIPTextModel",)),
+    "pruned_heads": ({},),
+}
+
+
+def _tuple(value: Any) -> Any:
+    return tuple(_tuple(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+    """transformers' `CLIPTextConfig` fields, with transformers' defaults.
+
+    `sd15()` / `sd2()` give the text encoders of SD 1.x / SD 2.x.
+    """
+
+    class_name: ClassVar[str] = "CLIPTextModel"
+    model_type: ClassVar[str] = "clip_text_model"
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    projection_dim: int | None = 512  # unused by CLIPTextModel (no projection head)
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    attention_dropout: float = 0.0  # training only; the frozen encoder never drops
+    initializer_range: float = 0.02
+    initializer_factor: float = 1.0
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 49406
+    eos_token_id: int = 49407
+
+    def __post_init__(self):
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(
+                f"config field hidden_act={self.hidden_act!r}: supported values are {HIDDEN_ACTS}"
+            )
+        for name in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "max_position_embeddings",
+        ):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"config field {name}={value!r} must be a positive int")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"config: hidden_size {self.hidden_size} not divisible by num_attention_heads "
+                f"{self.num_attention_heads}"
+            )
+        if not isinstance(self.eos_token_id, int) or isinstance(self.eos_token_id, bool):
+            raise ValueError(
+                f"config field eos_token_id={self.eos_token_id!r}: only a single int is supported"
+            )
+        if not isinstance(self.layer_norm_eps, int | float) or self.layer_norm_eps <= 0:
+            raise ValueError(f"config field layer_norm_eps={self.layer_norm_eps!r} must be > 0")
+        if self.initializer_factor is None:
+            object.__setattr__(self, "initializer_factor", 1.0)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def sd15(cls) -> CLIPTextConfig:
+        """SD 1.x `text_encoder/config.json` (OpenAI CLIP ViT-L/14)."""
+        return cls(
+            hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
+            num_attention_heads=12, hidden_act="quick_gelu", pad_token_id=1, bos_token_id=0,
+            eos_token_id=2,
+        )  # fmt: skip
+
+    @classmethod
+    def sd2(cls) -> CLIPTextConfig:
+        """SD 2.x `text_encoder/config.json` (OpenCLIP ViT-H, its last layer dropped)."""
+        return cls(
+            hidden_size=1024, intermediate_size=4096, projection_dim=512, num_hidden_layers=23,
+            num_attention_heads=16, hidden_act="gelu", pad_token_id=1, bos_token_id=0,
+            eos_token_id=2,
+        )  # fmt: skip
+
+    # -- (de)serialisation ---------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> CLIPTextConfig:
+        """Build from a transformers `config.json` dict (or `CLIPTextConfig.to_dict()`).
+
+        Generic transformers fields (`_IGNORED_FIELDS`, and keys starting with
+        `_`) are ignored; a field this model does not know, or a known one set
+        to a value cn_jax does not implement, is a ValueError naming it.
+
+        Args:
+          data: the parsed JSON.
+          source: where it came from, for error messages (e.g. the file path).
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs, unknown = {}, []
+        for key, value in data.items():
+            if key.startswith("_") or key in _IGNORED_FIELDS:
+                continue
+            if key in names:
+                kwargs[key] = value
+            elif key in _FIXED_FIELDS:
+                if _tuple(value) not in _FIXED_FIELDS[key]:
+                    allowed = " or ".join(repr(v) for v in _FIXED_FIELDS[key])
+                    raise ValueError(
+                        f"{source}: field {key}={value!r} is not supported by cn_jax's "
+                        f"{cls.class_name} (expected {allowed})"
+                    )
+            else:
+                unknown.append(key)
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown {cls.class_name} config field(s) {sorted(unknown)}"
+            )
+        try:
+            return cls(**kwargs)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        """A dict transformers' `CLIPTextConfig` / `CLIPTextModel.from_pretrained` loads."""
+        out: dict[str, Any] = {"architectures": [self.class_name], "model_type": self.model_type}
+        out.update(dataclasses.asdict(self))
+        return out
+
+
+# -- modules ------------------------------------------------------------------
+
+
+def _dense(features: int, std: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
+    # transformers' CLIP init: normal weights with a per-layer std, zero biases.
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.initializers.normal(std),
+        name=name,
+    )
+
+
+def _layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name
+    )
+
+
+def _activation(name: str, x: jax.Array) -> jax.Array:
+    if name == "quick_gelu":
+        return x * jax.nn.sigmoid(1.702 * x)
+    return nn.gelu(x, approximate=False)  # torch's default (erf) gelu
+
+
+class CLIPTextEmbeddings(nn.Module):
+    """`token_embedding(ids) + position_embedding(0..L-1)`."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        cfg = self.config
+        init = nn.initializers.normal(0.02 * cfg.initializer_factor)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, embedding_init=init)
+        tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, **kw, name="token_embedding")
+        positions = nn.Embed(
+            cfg.max_position_embeddings, cfg.hidden_size, **kw, name="position_embedding"
+        )
+        seq = input_ids.shape[-1]
+        return tokens(input_ids) + positions(jnp.arange(seq, dtype=jnp.int32))[None]
+
+
+class CLIPAttention(nn.Module):
+    """Causal multi-head self-attention: q_proj/k_proj/v_proj/out_proj, all with bias."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        cfg = self.config
+        d, p = self.dtype, self.param_dtype
+        width, heads, head_dim = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+        f = cfg.initializer_factor
+        in_std = width**-0.5 * (2 * cfg.num_hidden_layers) ** -0.5 * f
+        b, n, _ = x.shape
+        q, k, v = (
+            _dense(width, in_std, d, p, name)(x).reshape(b, n, heads, head_dim)
+            for name in ("q_proj", "k_proj", "v_proj")
+        )
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=head_dim**-0.5, is_causal=True)
+        return _dense(width, width**-0.5 * f, d, p, "out_proj")(out.reshape(b, n, width).astype(d))
+
+
+class CLIPMLP(nn.Module):
+    """fc1 -> quick_gelu / gelu -> fc2."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        d, p, f = self.dtype, self.param_dtype, cfg.initializer_factor
+        h = _dense(cfg.intermediate_size, (2 * cfg.hidden_size) ** -0.5 * f, d, p, "fc1")(x)
+        h = _activation(cfg.hidden_act, h)
+        out_std = cfg.hidden_size**-0.5 * (2 * cfg.num_hidden_layers) ** -0.5 * f
+        return _dense(cfg.hidden_size, out_std, d, p, "fc2")(h)
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-LayerNorm block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        cfg, d, p = self.config, self.dtype, self.param_dtype
+        h = _layer_norm(cfg.layer_norm_eps, d, p, "layer_norm1")(x)
+        x = x + CLIPAttention(cfg, d, p, name="self_attn")(h, mask)
+        h = _layer_norm(cfg.layer_norm_eps, d, p, "layer_norm2")(x)
+        return x + CLIPMLP(cfg, d, p, name="mlp")(h)
+
+
+class CLIPEncoder(nn.Module):
+    """`layers_0 .. layers_{num_hidden_layers-1}`."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        for i in range(self.config.num_hidden_layers):
+            x = CLIPEncoderLayer(self.config, self.dtype, self.param_dtype, name=f"layers_{i}")(
+                x, mask
+            )
+        return x
+
+
+class CLIPTextTransformer(nn.Module):
+    """embeddings -> encoder -> final_layer_norm, plus the end-of-text pooling."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        cfg, d, p = self.config, self.dtype, self.param_dtype
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask shape {attention_mask.shape} != input_ids shape "
+                    f"{input_ids.shape}"
+                )
+            mask = attention_mask.astype(jnp.bool_)[:, None, None, :]  # (B, 1 head, 1 query, L)
+        h = CLIPTextEmbeddings(cfg, d, p, name="embeddings")(input_ids)
+        h = CLIPEncoder(cfg, d, p, name="encoder")(h, mask)
+        last = _layer_norm(cfg.layer_norm_eps, d, p, "final_layer_norm")(h)
+        if cfg.eos_token_id == 2:
+            # Legacy configs (before transformers PR #24773): eos is the highest id.
+            eos = jnp.argmax(input_ids, axis=-1)
+        else:
+            eos = jnp.argmax((input_ids == cfg.eos_token_id).astype(jnp.int32), axis=-1)
+        pooled = jnp.take_along_axis(last, eos[:, None, None], axis=1)[:, 0]
+        return last, pooled
+
+
+def example_inputs(config: CLIPTextConfig, batch: int = 1):
+    """Inputs for `CLIPTextModel.init` / `eval_shape`: (input_ids,)."""
+    return (jnp.zeros((batch, config.max_position_embeddings), jnp.int32),)
+
+
+class CLIPTextModel(nn.Module):
+    """transformers' `CLIPTextModel`: `(input_ids, attention_mask=None) -> (last, pooled)`.
+
+    Call: `model.apply({"params": p}, input_ids)`.
+
+    Args (of `__call__`):
+      input_ids: int (B, L) token ids, L <= max_position_embeddings (SD: 77,
+        padded as `cn_jax.tokenizer.tokenize` pads). An id >= vocab_size gives NaN.
+      attention_mask: optional (B, L), 1 for tokens to attend to, 0 for padding,
+        on top of the causal mask. Stable Diffusion passes none (its text
+        encoders attend to the padding); rows of queries with nothing to attend
+        to (left padding) are undefined.
+
+    Returns:
+      last_hidden_state (B, L, hidden_size) after the final LayerNorm (SD's
+      text context), and pooled_output (B, hidden_size): the end-of-text token's
+      state. Both in `dtype`.
+    """
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(
+                f"input_ids must be an integer array (batch, length), got {input_ids.dtype} "
+                f"{input_ids.shape}"
+            )
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"input_ids length {input_ids.shape[1]} > max_position_embeddings "
+                f"{self.config.max_position_embeddings}"
+            )
+        if attention_mask is not None:
+            attention_mask = jnp.asarray(attention_mask)
+        return CLIPTextTransformer(self.config, self.dtype, self.param_dtype, name="text_model")(
+            input_ids, attention_mask
+        )
+
+
+def canonical_torch_state(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A transformers `CLIPTextModel` state dict under the names `keymap` expects.
+
+    Adds the `text_model.` prefix that transformers >= 5 leaves out when it
+    saves a `CLIPTextModel` (diffusers folders and older transformers have it)
+    and drops `IGNORED_TORCH_KEYS`. A lazy view: a value is read from `state`
+    only when looked up, so a streaming reader stays streaming.
+    """
+    return _PrefixedState(state)
+
+
+class _PrefixedState(Mapping):
+    def __init__(self, state: Mapping[str, Any]):
+        self._state = state
+        self._names = {}
+        for key in state:
+            name = key if key.startswith(TORCH_PREFIX) else TORCH_PREFIX + key
+            if name not in IGNORED_TORCH_KEYS:
+                self._names[name] = key
+
+    def __getitem__(self, name: str) -> Any:
+        return self._state[self._names[name]]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)

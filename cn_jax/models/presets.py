@@ -1,0 +1,113 @@
+"""Named Stable Diffusion architectures, as the released diffusers folders
+describe them (config.json of each component), for loading an original
+single-file checkpoint, which carries no config of its own."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+_SD_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+_SD_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+
+_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+
+_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # runwayml / stable-diffusion-v1-5: CLIP ViT-L/14 text encoder, 512 px.
+    "sd15": {
+        "unet": {
+            "in_channels": 4,
+            "out_channels": 4,
+            "down_block_types": _SD_DOWN,
+            "up_block_types": _SD_UP,
+            "block_out_channels": [320, 640, 1280, 1280],
+            "layers_per_block": 2,
+            "attention_head_dim": 8,
+            "cross_attention_dim": 768,
+            "norm_num_groups": 32,
+            "sample_size": 64,
+        },
+        "vae": _VAE,
+        "text_encoder": {
+            "vocab_size": 49408,
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "projection_dim": 768,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+            "pad_token_id": 1,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+        },
+        "scheduler": _SCHEDULE,
+    },
+    # stabilityai / stable-diffusion-2-1 (768 px, v-prediction): OpenCLIP ViT-H
+    # text encoder, its penultimate layer (23 of 24 blocks), linear projections,
+    # 64-wide heads, attention upcast to float32.
+    "sd21": {
+        "unet": {
+            "in_channels": 4,
+            "out_channels": 4,
+            "down_block_types": _SD_DOWN,
+            "up_block_types": _SD_UP,
+            "block_out_channels": [320, 640, 1280, 1280],
+            "layers_per_block": 2,
+            "attention_head_dim": [5, 10, 20, 20],
+            "cross_attention_dim": 1024,
+            "use_linear_projection": True,
+            "upcast_attention": True,
+            "norm_num_groups": 32,
+            "sample_size": 96,
+        },
+        "vae": {**_VAE, "sample_size": 768},
+        "text_encoder": {
+            "vocab_size": 49408,
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "projection_dim": 512,
+            "num_hidden_layers": 23,
+            "num_attention_heads": 16,
+            "max_position_embeddings": 77,
+            "hidden_act": "gelu",
+            "layer_norm_eps": 1e-5,
+            "pad_token_id": 1,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+        },
+        "scheduler": {**_SCHEDULE, "prediction_type": "v_prediction"},
+    },
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    """A deep copy of the named architecture's component configs."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model config {name!r}; named configs: {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])

@@ -1,0 +1,104 @@
+"""CLIP tokenizer for Stable Diffusion prompts: load a local `tokenizer/` folder
+and turn prompts into the fixed-length int32 token ids the text encoder takes.
+
+Ids are padded to `max_length` the way diffusers' `StableDiffusionPipeline`
+does (`padding="max_length", truncation=True`) with the tokenizer's own pad
+token: SD 1.x tokenizers pad with `<|endoftext|>` (id 49407), SD 2.x ones with
+"!" (id 0). A prompt longer than `max_length` is truncated (its last kept token
+is still `<|endoftext|>`) with a `UserWarning` naming the dropped text; it is
+never an error.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from transformers import CLIPTokenizer
+
+VOCAB_FILES = ("vocab.json", "merges.txt")
+
+
+def load_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
+    """Load a `transformers.CLIPTokenizer` from a local folder (never the network).
+
+    Args:
+      folder: a diffusers pipeline's `tokenizer/` folder (`vocab.json` +
+        `merges.txt`, usually `tokenizer_config.json` / `special_tokens_map.json`;
+        a `tokenizer.json` alone also works), or a pipeline folder holding one.
+
+    Raises:
+      FileNotFoundError: the folder or one of its vocabulary files is missing
+        (the message names the folder and the files).
+      ValueError: the files are there but transformers cannot read them.
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {str(path)!r} does not exist")
+    if not any((path / f).is_file() for f in (*VOCAB_FILES, "tokenizer.json")):
+        if (path / "tokenizer").is_dir():  # given the pipeline folder
+            path = path / "tokenizer"
+    missing = [f for f in VOCAB_FILES if not (path / f).is_file()]
+    if missing and not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"tokenizer folder {str(path)!r} lacks {', '.join(missing)} "
+            "(a CLIP tokenizer needs vocab.json and merges.txt, or tokenizer.json)"
+        )
+    try:
+        return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # transformers raises a variety of types for bad files
+        raise ValueError(
+            f"tokenizer folder {str(path)!r}: cannot load a CLIP tokenizer: {e}"
+        ) from e
+
+
+def tokenize(
+    tokenizer: CLIPTokenizer, prompts: str | Sequence[str], max_length: int | None = None
+) -> np.ndarray:
+    """Token ids of `prompts`, padded / truncated to `max_length`, as diffusers makes them.
+
+    Args:
+      tokenizer: a CLIP tokenizer (e.g. from `load_tokenizer`).
+      prompts: one prompt or a sequence of them ("" is the unconditional prompt).
+      max_length: ids per prompt, `<|startoftext|>` and `<|endoftext|>`
+        included; default `tokenizer.model_max_length` (SD: 77).
+
+    Returns:
+      int32 array (B, max_length).
+
+    Warns:
+      UserWarning: for each prompt longer than `max_length`, naming the dropped text.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if max_length is None:
+        max_length = tokenizer.model_max_length
+    if max_length < 2:
+        raise ValueError(f"tokenize: max_length={max_length} leaves no room for bos/eos tokens")
+    if not prompts:
+        return np.zeros((0, max_length), np.int32)
+    ids = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        return_tensors="np",
+    )["input_ids"]
+    # The untruncated tokens, to name what truncation dropped (diffusers logs it too).
+    full = tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]
+    special = tokenizer.num_special_tokens_to_add()
+    keep = max_length - special
+    for i, tokens in enumerate(full):
+        if len(tokens) > keep:
+            dropped = tokenizer.decode(tokens[keep:])
+            warnings.warn(
+                f"prompt {i} has {len(tokens) + special} tokens, more than "
+                f"max_length={max_length}; truncated, dropping: {dropped!r}",
+                UserWarning,
+                stacklevel=2,
+            )
+    return np.asarray(ids, np.int32)

@@ -1,0 +1,1028 @@
+"""Key maps between an original Stable Diffusion single file (LDM layout) and diffusers' components.
+
+An original SD 1.x/2.x checkpoint (`v1-5-pruned.safetensors`, `v2-1_768-ema-pruned.safetensors`,
+...) holds the whole `LatentDiffusion` module in one state dict:
+
+| original prefix           | component                 | diffusers / transformers class |
+|---------------------------|---------------------------|--------------------------------|
+| `model.diffusion_model.`  | LDM `openaimodel.UNetModel` | `UNet2DConditionModel`       |
+| `first_stage_model.`      | LDM `AutoencoderKL`       | `AutoencoderKL`                |
+| `cond_stage_model.transformer.` | SD 1.x: transformers CLIP text model | `CLIPTextModel` |
+| `cond_stage_model.model.` | SD 2.x: OpenCLIP ViT-H text tower | `CLIPTextModel`        |
+
+**UNet** (pure renames, identical shapes). With `n = 1 + b (L + 1) + l` and `m = b (L + 1) + l`
+for `L = layers_per_block`:
+
+| diffusers                                     | original                                      |
+|-----------------------------------------------|-----------------------------------------------|
+| `time_embedding.linear_1` / `linear_2`        | `time_embed.0` / `time_embed.2`               |
+| `conv_in`                                     | `input_blocks.0.0`                            |
+| `down_blocks.b.resnets.l.<resnet>` (l < L)    | `input_blocks.n.0.<ResBlock>`                 |
+| `down_blocks.b.attentions.l.<rest>` (l < L)   | `input_blocks.n.1.<rest>`                     |
+| `down_blocks.b.downsamplers.0.conv`           | `input_blocks.{n at l = L}.0.op`              |
+| `mid_block.resnets.0` / `attentions.0` / `resnets.1` | `middle_block.0` / `.1` / `.2`         |
+| `up_blocks.b.resnets.l.<resnet>` (l <= L)     | `output_blocks.m.0.<ResBlock>`                |
+| `up_blocks.b.attentions.l.<rest>` (l <= L)    | `output_blocks.m.1.<rest>`                    |
+| `up_blocks.b.upsamplers.0.conv`               | `output_blocks.{m at l = L}.{s}.conv` (*)     |
+| `conv_norm_out` / `conv_out`                  | `out.0` / `out.2`                             |
+
+(*) `s` is 1, or 2 when the layer has a transformer (slot 1) before the upsampler. And
+`<resnet>` -> `<ResBlock>` is `norm1 -> in_layers.0`, `conv1 -> in_layers.2`,
+`time_emb_proj -> emb_layers.1`, `norm2 -> out_layers.0`, `conv2 -> out_layers.3`,
+`conv_shortcut -> skip_connection`, and the transformer internals (`norm`, `proj_in`,
+`transformer_blocks.k.*`, `proj_out`) are named alike in both layouts.
+
+**VAE.** With `N` up blocks, diffusers' `decoder.up_blocks.i` is LDM's `decoder.up.{N - 1 - i}`
+(LDM numbers the decoder from the highest resolution, diffusers from the lowest):
+
+| diffusers                                          | original                                |
+|----------------------------------------------------|-----------------------------------------|
+| `encoder.down_blocks.i.resnets.j.<resnet>`         | `encoder.down.i.block.j.<resnet>`       |
+| `encoder.down_blocks.i.downsamplers.0.conv`        | `encoder.down.i.downsample.conv`        |
+| `decoder.up_blocks.i.resnets.j.<resnet>`           | `decoder.up.{N-1-i}.block.j.<resnet>`   |
+| `decoder.up_blocks.i.upsamplers.0.conv`            | `decoder.up.{N-1-i}.upsample.conv`      |
+| `{en,de}coder.mid_block.resnets.0` / `.1`          | `{en,de}coder.mid.block_1` / `block_2`  |
+| `{en,de}coder.mid_block.attentions.0.group_norm`   | `{en,de}coder.mid.attn_1.norm`          |
+| `...attentions.0.to_q` / `to_k` / `to_v` / `to_out.0` | `...attn_1.q` / `k` / `v` / `proj_out` |
+| `{en,de}coder.conv_norm_out`                       | `{en,de}coder.norm_out`                 |
+| `{en,de}coder.conv_in`, `conv_out`, `quant_conv`, `post_quant_conv` | the same               |
+
+with `conv_shortcut -> nin_shortcut` the only resnet rename. LDM's attention projections are
+1x1 convolutions: their weights are `(out, in, 1, 1)` in the original file and `(out, in)`
+linear weights in diffusers; this is the only place where a value changes shape.
+
+**Text encoder, SD 1.x**: `cond_stage_model.transformer.text_model.<name>` is transformers'
+`text_model.<name>` unchanged (very old files lack the `text_model.` level; both are read).
+
+**Text encoder, SD 2.x** (OpenCLIP, below `cond_stage_model.model.`):
+
+| transformers (below `text_model.`)              | OpenCLIP                                 |
+|-------------------------------------------------|------------------------------------------|
+| `embeddings.token_embedding.weight`             | `token_embedding.weight`                 |
+| `embeddings.position_embedding.weight`          | `positional_embedding`                   |
+| `encoder.layers.N.layer_norm1` / `layer_norm2`  | `transformer.resblocks.N.ln_1` / `ln_2`  |
+| `encoder.layers.N.self_attn.{q,k,v}_proj`       | `...resblocks.N.attn.in_proj_*` (**)     |
+| `encoder.layers.N.self_attn.out_proj`           | `...resblocks.N.attn.out_proj`           |
+| `encoder.layers.N.mlp.fc1` / `fc2`              | `...resblocks.N.mlp.c_fc` / `c_proj`     |
+| `final_layer_norm`                              | `ln_final`                               |
+
+(**) q, k and v are the thirds, in that order, of axis 0 of `in_proj_weight` / `in_proj_bias`.
+
+SD 2.x conditions on OpenCLIP's penultimate layer, so diffusers' SD 2 text encoder has one layer
+fewer than OpenCLIP (23 of 24): the last resblock and `text_projection` are dropped (diffusers'
+`SD_2_TEXT_ENCODER_KEYS_TO_IGNORE`, which hard-codes `resblocks.23`; here the last block is found
+from the keys or `num_layers`), and `logit_scale` is never read. Writing the other way can only
+produce the blocks the diffusers model has; LDM's `FrozenOpenCLIPEmbedder(layer="penultimate")`
+never runs the missing last block, and diffusers' loader reads the file fine.
+
+The diffusers-side text encoder names carry the `text_model.` prefix that diffusers' converters
+produce and diffusers folders store; transformers >= 5.6 flattens `CLIPTextModel`, so its own
+`state_dict()` lacks it (`text_model_prefix=""` / either form accepted when writing).
+
+All facts were checked against diffusers' converters (`convert_ldm_unet_checkpoint`,
+`convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`, `convert_open_clip_checkpoint` in
+`diffusers.loaders.single_file_utils`), which the tests use as the reference.
+
+Loading is planned lazily: the `*_sources` functions look at key names only and return
+`{diffusers_key: (original_key, transform or None)}`, so a loader can read, transform and place
+one tensor at a time; `apply_sources` is the eager version. Writing (`*_to_original`) is eager,
+numpy in and numpy out.
+"""
+
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Literal, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+# (original key, transform applied to that tensor or None).
+Source = tuple[str, Callable[[np.ndarray], np.ndarray] | None]
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model."
+# Below CLIP_PREFIX: SD 1.x (transformers) and SD 2.x (OpenCLIP) text encoders.
+SD1_CLIP_ROOT = "transformer."
+SD2_CLIP_ROOT = "model."
+TEXT_MODEL_PREFIX = "text_model."
+
+ClipKind = Literal["sd1", "sd2"]
+
+# Every parameter of the three SD components is a `weight` or a `bias`, except OpenCLIP's
+# `positional_embedding`, which the fixed CLIP table names in full.
+_LEAVES = ("weight", "bias")
+
+# How many offending keys an error message spells out before summarising the rest.
+_MAX_KEYS_IN_ERROR = 20
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+# UNet modules whose names do not depend on the configuration (diffusers -> original).
+_UNET_FIXED: dict[str, str] = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_UNET_FIXED_INV = {v: k for k, v in _UNET_FIXED.items()}
+
+# diffusers `ResnetBlock2D` sub-module -> LDM `ResBlock` sub-module. The LDM names index into
+# `nn.Sequential`s: in_layers = (norm, SiLU, conv), emb_layers = (SiLU, linear),
+# out_layers = (norm, SiLU, dropout, conv).
+_UNET_RESNET: dict[str, str] = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_RESNET_INV = {v: k for k, v in _UNET_RESNET.items()}
+
+# Top-level children of diffusers' `Transformer2DModel` and LDM's `SpatialTransformer`; they
+# share every name below this level, so attention keys are re-rooted, never renamed.
+_TRANSFORMER_CHILDREN = frozenset({"norm", "proj_in", "transformer_blocks", "proj_out"})
+
+# Slots inside one LDM `TimestepEmbedSequential` (`input_blocks.n`, `output_blocks.m`).
+_RESBLOCK_SLOT = "0"
+_ATTENTION_SLOT = "1"
+
+# VAE modules named independently of the configuration (diffusers -> original).
+_VAE_FIXED: dict[str, str] = {
+    "encoder.conv_in": "encoder.conv_in",
+    "encoder.conv_norm_out": "encoder.norm_out",
+    "encoder.conv_out": "encoder.conv_out",
+    "decoder.conv_in": "decoder.conv_in",
+    "decoder.conv_norm_out": "decoder.norm_out",
+    "decoder.conv_out": "decoder.conv_out",
+    "quant_conv": "quant_conv",
+    "post_quant_conv": "post_quant_conv",
+}
+_VAE_FIXED_INV = {v: k for k, v in _VAE_FIXED.items()}
+
+# diffusers VAE `ResnetBlock2D` (no time embedding) -> LDM `ResnetBlock`.
+_VAE_RESNET: dict[str, str] = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "conv_shortcut": "nin_shortcut",
+}
+_VAE_RESNET_INV = {v: k for k, v in _VAE_RESNET.items()}
+
+# diffusers mid-block `Attention` -> LDM `AttnBlock`.
+_VAE_ATTENTION: dict[str, str] = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+}
+_VAE_ATTENTION_INV = {v: k for k, v in _VAE_ATTENTION.items()}
+# Their weights are 1x1 convs in LDM and linear layers in diffusers.
+_VAE_PROJECTIONS = frozenset({"to_q", "to_k", "to_v", "to_out.0"})
+
+# VAE decoder sides and their mid block (diffusers `mid_block.resnets.i` -> LDM `mid.block_{i+1}`).
+_VAE_SIDES = ("encoder", "decoder")
+_VAE_MID_RESNETS = 2
+
+# Text encoder names independent of the layer (transformers below `text_model.` -> OpenCLIP
+# below `model.`).
+_CLIP_FIXED: dict[str, str] = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_CLIP_FIXED_INV = {v: k for k, v in _CLIP_FIXED.items()}
+
+# One transformer layer: transformers `encoder.layers.N.<module>` -> OpenCLIP
+# `transformer.resblocks.N.<module>`.
+_CLIP_LAYER: dict[str, str] = {
+    "layer_norm1": "ln_1",
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+_CLIP_LAYER_INV = {v: k for k, v in _CLIP_LAYER.items()}
+
+# q, k and v, in the order OpenCLIP stacks them along axis 0 of `attn.in_proj_{weight,bias}`.
+_CLIP_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_OPEN_CLIP_IN_PROJ = "attn.in_proj"
+
+# ---------------------------------------------------------------------------------------------
+# Keys an SD loader legitimately leaves unread
+# ---------------------------------------------------------------------------------------------
+
+# `LatentDiffusion` buffers: the noise schedule (`DDPM.register_schedule`), `scale_factor`
+# (a buffer with `scale_by_std`), `cond_ids` (`shorten_cond_schedule`) and `logvar`
+# (a parameter with `learn_logvar`). diffusers rebuilds all of these from its scheduler config.
+_IGNORED_TOP_LEVEL = frozenset(
+    {
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "lvlb_weights",
+        "logvar",
+        "scale_factor",
+        "cond_ids",
+    }
+)
+# The EMA copy of the UNet (`LitEma`, flattened names plus `decay` / `num_updates`).
+_IGNORED_PREFIXES = ("model_ema.",)
+# transformers' position-id buffer, persistent in the transformers versions SD 1.x was saved with.
+_SD1_CLIP_IGNORED = frozenset({"embeddings.position_ids"})
+# OpenCLIP parts outside the text tower diffusers uses (`attn_mask` is a buffer).
+_SD2_CLIP_IGNORED = frozenset({"text_projection", "logit_scale", "attn_mask"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _index(text: str) -> int | None:
+    """Parses a canonical non-negative integer path component (`"3"`, not `"03"` or `"-1"`)."""
+    if text.isdecimal() and str(int(text)) == text:
+        return int(text)
+    return None
+
+
+def _format_keys(keys: list[str]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:_MAX_KEYS_IN_ERROR])
+    rest = len(keys) - _MAX_KEYS_IN_ERROR
+    return shown + (f" ... and {rest} more" if rest > 0 else "")
+
+
+def _unmapped_error(keys: list[str], what: str) -> ValueError:
+    return ValueError(f"cannot map {len(keys)} {what} key(s): {_format_keys(keys)}")
+
+
+def _check_positive_int(value: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _check_unique(mapping: Mapping[str, object], what: str) -> None:
+    """Guards against two source keys landing on one target (it would drop a tensor)."""
+    seen: dict[object, str] = {}
+    clashes = []
+    for src, dst in mapping.items():
+        if dst in seen:
+            clashes.append(f"{seen[dst]!r} and {src!r} -> {dst!r}")
+        seen[dst] = src
+    if clashes:
+        raise ValueError(f"{what} keys map onto the same name: {'; '.join(clashes[:5])}")
+
+
+def _under(keys: Iterable[str], prefix: str) -> dict[str, str]:
+    """`{key: key without prefix}` for the keys under `prefix`, in order."""
+    return {key: key[len(prefix) :] for key in keys if key.startswith(prefix)}
+
+
+def _max_index(names: Iterable[str], *head: str) -> int:
+    """1 + the largest `i` in names starting with `head + (i,)`; 0 if there is none."""
+    depth = len(head)
+    found = [-1]
+    for name in names:
+        parts = name.split(".")
+        if len(parts) > depth and tuple(parts[:depth]) == head:
+            i = _index(parts[depth])
+            if i is not None:
+                found.append(i)
+    return max(found) + 1
+
+
+def _check_agreement(plan: Mapping[str, tuple[str, object]], forward: Mapping, what: str) -> None:
+    """The two directions are separate parsers; insist they agree on this very key set so that
+    a round trip can never change a name."""
+    disagree = [plan[d][0] for d in plan if forward.get(d) != plan[d]]
+    if disagree:
+        raise ValueError(f"ambiguous {what} keys: {_format_keys(disagree)}")
+
+
+# Transforms used by the load plans. Module-level functions (wrapped in `functools.partial`
+# where they take an argument) keep plans picklable and readable in a repr.
+
+
+def conv1x1_to_linear(x: np.ndarray) -> np.ndarray:
+    """`(out, in, 1, 1)` (or `(out, in, 1)`, or already `(out, in)`) -> `(out, in)`."""
+    if x.ndim == 2:
+        return x
+    if x.ndim in (3, 4) and all(d == 1 for d in x.shape[2:]):
+        return x.reshape(x.shape[:2])
+    raise ValueError(f"expected a 1x1 convolution weight, got shape {tuple(x.shape)}")
+
+
+def linear_to_conv1x1(x: np.ndarray) -> np.ndarray:
+    """`(out, in)` -> `(out, in, 1, 1)`."""
+    if x.ndim != 2:
+        raise ValueError(f"expected a linear weight (out, in), got shape {tuple(x.shape)}")
+    return x.reshape(*x.shape, 1, 1)
+
+
+def third(x: np.ndarray, part: int) -> np.ndarray:
+    """Part `part` (0: q, 1: k, 2: v) of a q/k/v stack along axis 0 (a view, not a copy)."""
+    if x.shape[0] % 3:
+        raise ValueError(f"cannot split axis 0 of shape {tuple(x.shape)} into q, k, v")
+    size = x.shape[0] // 3
+    return x[part * size : (part + 1) * size]
+
+
+# One shared transform per part, so that equal plans compare equal.
+_THIRDS = tuple(functools.partial(third, part=part) for part in range(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# UNet
+# ---------------------------------------------------------------------------------------------
+
+
+def _input_block(block: int, layer: int, lpb: int) -> int:
+    """`n` of `input_blocks.n` for layer `layer` of down block `block`; entry 0 is `conv_in`
+    and `layer == lpb` is the block's downsampler."""
+    return 1 + block * (lpb + 1) + layer
+
+
+def _output_block(block: int, layer: int, lpb: int) -> int:
+    """`m` of `output_blocks.m` for layer `layer` (0..lpb) of up block `block`."""
+    return block * (lpb + 1) + layer
+
+
+def _unet_module_to_original(
+    parts: list[str], lpb: int, up_attention: frozenset[int]
+) -> str | None:
+    """Original module path of a diffusers UNet module path (split on dots), or None."""
+    match parts:
+        case ["down_blocks", b, "resnets", l_, sub] if (
+            _index(b) is not None and _index(l_) is not None and _index(l_) < lpb
+        ) and sub in _UNET_RESNET:
+            n = _input_block(int(b), int(l_), lpb)
+            return f"input_blocks.{n}.{_RESBLOCK_SLOT}.{_UNET_RESNET[sub]}"
+        case ["down_blocks", b, "attentions", l_, child, *rest] if (
+            _index(b) is not None and _index(l_) is not None and _index(l_) < lpb
+        ) and child in _TRANSFORMER_CHILDREN:
+            n = _input_block(int(b), int(l_), lpb)
+            return ".".join(["input_blocks", str(n), _ATTENTION_SLOT, child, *rest])
+        case ["down_blocks", b, "downsamplers", "0", "conv"] if _index(b) is not None:
+            return f"input_blocks.{_input_block(int(b), lpb, lpb)}.{_RESBLOCK_SLOT}.op"
+        case ["mid_block", "resnets", i, sub] if i in ("0", "1") and sub in _UNET_RESNET:
+            # The second resnet sits after the transformer (slot 1).
+            return f"middle_block.{2 * int(i)}.{_UNET_RESNET[sub]}"
+        case ["mid_block", "attentions", "0", child, *rest] if child in _TRANSFORMER_CHILDREN:
+            return ".".join(["middle_block", _ATTENTION_SLOT, child, *rest])
+        case ["up_blocks", b, "resnets", l_, sub] if (
+            _index(b) is not None and _index(l_) is not None and _index(l_) <= lpb
+        ) and sub in _UNET_RESNET:
+            m = _output_block(int(b), int(l_), lpb)
+            return f"output_blocks.{m}.{_RESBLOCK_SLOT}.{_UNET_RESNET[sub]}"
+        case ["up_blocks", b, "attentions", l_, child, *rest] if (
+            _index(b) is not None and _index(l_) is not None and _index(l_) <= lpb
+        ) and child in _TRANSFORMER_CHILDREN:
+            m = _output_block(int(b), int(l_), lpb)
+            return ".".join(["output_blocks", str(m), _ATTENTION_SLOT, child, *rest])
+        case ["up_blocks", b, "upsamplers", "0", "conv"] if _index(b) is not None:
+            # The upsampler follows the last layer's resnet, and its transformer if any.
+            slot = 2 if int(b) in up_attention else 1
+            return f"output_blocks.{_output_block(int(b), lpb, lpb)}.{slot}.conv"
+    return None
+
+
+def _unet_slot_to_diffusers(
+    blocks: str, block: int, layer: int, slot: str, rest: list[str]
+) -> str | None:
+    """A resnet (slot 0) or transformer (slot 1) inside `input_blocks.n` / `output_blocks.m`."""
+    sub = ".".join(rest)
+    if slot == _RESBLOCK_SLOT and sub in _UNET_RESNET_INV:
+        return f"{blocks}.{block}.resnets.{layer}.{_UNET_RESNET_INV[sub]}"
+    if slot == _ATTENTION_SLOT and rest and rest[0] in _TRANSFORMER_CHILDREN:
+        return f"{blocks}.{block}.attentions.{layer}.{sub}"
+    return None
+
+
+def _unet_module_to_diffusers(parts: list[str], lpb: int) -> str | None:
+    """diffusers module path of an original UNet module path (split on dots), or None."""
+    match parts:
+        case ["input_blocks", n, slot, *rest] if _index(n) is not None and int(n) > 0:
+            block, layer = divmod(int(n) - 1, lpb + 1)
+            if layer == lpb:  # the block's last entry is its downsampler, nothing else
+                if slot == _RESBLOCK_SLOT and rest == ["op"]:
+                    return f"down_blocks.{block}.downsamplers.0.conv"
+                return None
+            return _unet_slot_to_diffusers("down_blocks", block, layer, slot, rest)
+        case ["middle_block", ("0" | "2") as k, *rest] if ".".join(rest) in _UNET_RESNET_INV:
+            return f"mid_block.resnets.{int(k) // 2}.{_UNET_RESNET_INV['.'.join(rest)]}"
+        case ["middle_block", "1", child, *rest] if child in _TRANSFORMER_CHILDREN:
+            return ".".join(["mid_block", "attentions", "0", child, *rest])
+        case ["output_blocks", m, slot, "conv"] if _index(m) is not None and slot in ("1", "2"):
+            block, layer = divmod(int(m), lpb + 1)
+            return f"up_blocks.{block}.upsamplers.0.conv" if layer == lpb else None
+        case ["output_blocks", m, slot, *rest] if _index(m) is not None:
+            block, layer = divmod(int(m), lpb + 1)
+            return _unet_slot_to_diffusers("up_blocks", block, layer, slot, rest)
+    return None
+
+
+def _up_blocks_with_attention(diffusers_names: Iterable[str]) -> frozenset[int]:
+    return frozenset(
+        int(parts[1])
+        for parts in (name.split(".") for name in diffusers_names)
+        if parts[0] == "up_blocks" and len(parts) > 2 and parts[2] == "attentions"
+    )
+
+
+def _unet_key_map(diffusers_names: Iterable[str], lpb: int) -> dict[str, str | None]:
+    """`{diffusers name: original name without prefix, or None if it has no place}`."""
+    names = list(diffusers_names)
+    up_attention = _up_blocks_with_attention(names)
+    result: dict[str, str | None] = {}
+    for name in names:
+        module, _, leaf = name.rpartition(".")
+        if leaf not in _LEAVES:
+            result[name] = None
+        elif module in _UNET_FIXED:
+            result[name] = f"{_UNET_FIXED[module]}.{leaf}"
+        else:
+            original = _unet_module_to_original(module.split("."), lpb, up_attention)
+            result[name] = None if original is None else f"{original}.{leaf}"
+    return result
+
+
+def unet_sources(
+    original_keys: Iterable[str], layers_per_block: int, prefix: str = UNET_PREFIX
+) -> dict[str, Source]:
+    """Plans loading a diffusers `UNet2DConditionModel` from an original SD single file.
+
+    Args:
+      original_keys: the file's keys (all components; only those under `prefix` are read).
+      layers_per_block: LDM's `num_res_blocks` (diffusers' `layers_per_block`); it fixes the
+        `input_blocks` / `output_blocks` numbering.
+      prefix: the UNet's prefix in the file; `""` for a bare UNet state dict.
+
+    Returns:
+      `{diffusers_key: (original_key, None)}` (the UNet's tensors keep their shapes), in file
+      order.
+
+    Raises:
+      ValueError: if no key is under `prefix`, or a key under it has no place in the diffusers
+        layout (all such keys are named).
+    """
+    _check_positive_int(layers_per_block, "layers_per_block")
+    names = _under(original_keys, prefix)
+    if not names:
+        raise ValueError(f"no UNet keys under {prefix!r}")
+    plan: dict[str, Source] = {}
+    unmapped = []
+    for key, name in names.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf not in _LEAVES:
+            unmapped.append(key)
+            continue
+        if module in _UNET_FIXED_INV:
+            diffusers_module = _UNET_FIXED_INV[module]
+        else:
+            diffusers_module = _unet_module_to_diffusers(module.split("."), layers_per_block)
+        if diffusers_module is None:
+            unmapped.append(key)
+            continue
+        target = f"{diffusers_module}.{leaf}"
+        if target in plan:
+            raise ValueError(f"original UNet keys {plan[target][0]!r} and {key!r} -> {target!r}")
+        plan[target] = (key, None)
+    if unmapped:
+        raise _unmapped_error(unmapped, f"original UNet (layers_per_block={layers_per_block})")
+    forward = {
+        d: (None if o is None else (prefix + o, None))
+        for d, o in _unet_key_map(plan, layers_per_block).items()
+    }
+    _check_agreement(plan, forward, "original UNet")
+    return plan
+
+
+def unet_to_original(
+    state: Mapping[str, T], layers_per_block: int, prefix: str = UNET_PREFIX
+) -> dict[str, T]:
+    """Renames a diffusers `UNet2DConditionModel` state dict to the original (LDM) layout.
+
+    Args:
+      state: diffusers state dict; values are passed through untouched, in the same order.
+      layers_per_block: `UNet2DConditionModel.config.layers_per_block`.
+      prefix: prepended to every original name.
+
+    Returns:
+      The original-layout state dict.
+
+    Raises:
+      ValueError: if a key has no place in the original layout (class / addition embeddings,
+        ...), or `layers_per_block` disagrees with the resnets present.
+    """
+    _check_positive_int(layers_per_block, "layers_per_block")
+    key_map = _unet_key_map(state.keys(), layers_per_block)
+    unmapped = [k for k, v in key_map.items() if v is None]
+    if unmapped:
+        raise _unmapped_error(unmapped, f"diffusers UNet (layers_per_block={layers_per_block})")
+    _check_unique(key_map, "diffusers UNet")
+    # The maps reject resnet indices past layers_per_block; a state whose blocks stop short of
+    # it was made with a smaller value (down blocks hold L resnets, up blocks L + 1).
+    for blocks, expected in (
+        ("down_blocks", layers_per_block),
+        ("up_blocks", layers_per_block + 1),
+    ):
+        per_block = {
+            int(parts[3])
+            for parts in (key.split(".") for key in key_map)
+            if parts[0] == blocks and parts[2] == "resnets"
+        }
+        if per_block and max(per_block) + 1 != expected:
+            raise ValueError(
+                f"layers_per_block={layers_per_block} but the {blocks} have "
+                f"{max(per_block) + 1} resnet(s) each (expected {expected})"
+            )
+    return {prefix + key_map[key]: value for key, value in state.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE
+# ---------------------------------------------------------------------------------------------
+
+
+def _vae_module_to_original(parts: list[str], num_up: int) -> str | None:
+    """Original module path of a diffusers VAE module path (split on dots), or None."""
+    match parts:
+        case ["encoder", "down_blocks", i, "resnets", j, sub] if (
+            _index(i) is not None and _index(j) is not None and sub in _VAE_RESNET
+        ):
+            return f"encoder.down.{i}.block.{j}.{_VAE_RESNET[sub]}"
+        case ["encoder", "down_blocks", i, "downsamplers", "0", "conv"] if _index(i) is not None:
+            return f"encoder.down.{i}.downsample.conv"
+        case ["decoder", "up_blocks", i, "resnets", j, sub] if (
+            _index(i) is not None and int(i) < num_up and _index(j) is not None
+        ) and sub in _VAE_RESNET:
+            return f"decoder.up.{num_up - 1 - int(i)}.block.{j}.{_VAE_RESNET[sub]}"
+        case ["decoder", "up_blocks", i, "upsamplers", "0", "conv"] if (
+            _index(i) is not None and int(i) < num_up
+        ):
+            return f"decoder.up.{num_up - 1 - int(i)}.upsample.conv"
+        case [side, "mid_block", "resnets", i, sub] if (
+            side in _VAE_SIDES and _index(i) is not None and int(i) < _VAE_MID_RESNETS
+        ) and sub in _VAE_RESNET:
+            return f"{side}.mid.block_{int(i) + 1}.{_VAE_RESNET[sub]}"
+        case [side, "mid_block", "attentions", "0", *sub] if (
+            side in _VAE_SIDES and ".".join(sub) in _VAE_ATTENTION
+        ):
+            return f"{side}.mid.attn_1.{_VAE_ATTENTION['.'.join(sub)]}"
+    return None
+
+
+def _vae_module_to_diffusers(parts: list[str], num_up: int) -> str | None:
+    """diffusers module path of an original VAE module path (split on dots), or None."""
+    match parts:
+        case ["encoder", "down", i, "block", j, sub] if (
+            _index(i) is not None and _index(j) is not None and sub in _VAE_RESNET_INV
+        ):
+            return f"encoder.down_blocks.{i}.resnets.{j}.{_VAE_RESNET_INV[sub]}"
+        case ["encoder", "down", i, "downsample", "conv"] if _index(i) is not None:
+            return f"encoder.down_blocks.{i}.downsamplers.0.conv"
+        case ["decoder", "up", i, "block", j, sub] if (
+            _index(i) is not None and int(i) < num_up and _index(j) is not None
+        ) and sub in _VAE_RESNET_INV:
+            return f"decoder.up_blocks.{num_up - 1 - int(i)}.resnets.{j}.{_VAE_RESNET_INV[sub]}"
+        case ["decoder", "up", i, "upsample", "conv"] if _index(i) is not None and int(i) < num_up:
+            return f"decoder.up_blocks.{num_up - 1 - int(i)}.upsamplers.0.conv"
+        case [side, "mid", block, sub] if (
+            side in _VAE_SIDES
+            and block in {f"block_{i + 1}" for i in range(_VAE_MID_RESNETS)}
+            and sub in _VAE_RESNET_INV
+        ):
+            i = int(block.removeprefix("block_")) - 1
+            return f"{side}.mid_block.resnets.{i}.{_VAE_RESNET_INV[sub]}"
+        case [side, "mid", "attn_1", sub] if side in _VAE_SIDES and sub in _VAE_ATTENTION_INV:
+            return f"{side}.mid_block.attentions.0.{_VAE_ATTENTION_INV[sub]}"
+    return None
+
+
+def _is_vae_projection_weight(diffusers_name: str) -> bool:
+    """Whether a diffusers VAE key is a linear attention projection (a 1x1 conv in LDM)."""
+    module, _, leaf = diffusers_name.rpartition(".")
+    head, _, sub = module.partition(".mid_block.attentions.0.")
+    return leaf == "weight" and head in _VAE_SIDES and sub in _VAE_PROJECTIONS
+
+
+def _vae_key_map(diffusers_names: Iterable[str], num_up: int) -> dict[str, str | None]:
+    """`{diffusers name: original name without prefix, or None if it has no place}`."""
+    result: dict[str, str | None] = {}
+    for name in diffusers_names:
+        module, _, leaf = name.rpartition(".")
+        if leaf not in _LEAVES:
+            result[name] = None
+        elif module in _VAE_FIXED:
+            result[name] = f"{_VAE_FIXED[module]}.{leaf}"
+        else:
+            original = _vae_module_to_original(module.split("."), num_up)
+            result[name] = None if original is None else f"{original}.{leaf}"
+    return result
+
+
+def vae_sources(
+    original_keys: Iterable[str], prefix: str = VAE_PREFIX, num_blocks: int | None = None
+) -> dict[str, Source]:
+    """Plans loading a diffusers `AutoencoderKL` from an original SD single file.
+
+    Args:
+      original_keys: the file's keys (all components; only those under `prefix` are read).
+      prefix: the VAE's prefix in the file (`"vae."` in some files, `""` for a bare VAE).
+      num_blocks: number of decoder up blocks (`len(config.up_block_types)`), which fixes the
+        reversed `decoder.up.N` numbering; by default counted from the keys.
+
+    Returns:
+      `{diffusers_key: (original_key, transform)}` in file order; the transform is
+      `conv1x1_to_linear` for the attention projection weights, None elsewhere.
+
+    Raises:
+      ValueError: if no key is under `prefix`, or a key under it has no place in the diffusers
+        layout (all such keys are named).
+    """
+    names = _under(original_keys, prefix)
+    if not names:
+        raise ValueError(f"no VAE keys under {prefix!r}")
+    if num_blocks is None:
+        num_blocks = _max_index(names.values(), "decoder", "up")
+    else:
+        _check_positive_int(num_blocks, "num_blocks")
+    plan: dict[str, Source] = {}
+    unmapped = []
+    for key, name in names.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf not in _LEAVES:
+            unmapped.append(key)
+            continue
+        if module in _VAE_FIXED_INV:
+            diffusers_module = _VAE_FIXED_INV[module]
+        else:
+            diffusers_module = _vae_module_to_diffusers(module.split("."), num_blocks)
+        if diffusers_module is None:
+            unmapped.append(key)
+            continue
+        target = f"{diffusers_module}.{leaf}"
+        if target in plan:
+            raise ValueError(f"original VAE keys {plan[target][0]!r} and {key!r} -> {target!r}")
+        plan[target] = (key, conv1x1_to_linear if _is_vae_projection_weight(target) else None)
+    if unmapped:
+        raise _unmapped_error(unmapped, f"original VAE ({num_blocks} up blocks)")
+    forward = {
+        d: (None if o is None else (prefix + o, plan[d][1]))
+        for d, o in _vae_key_map(plan, num_blocks).items()
+    }
+    _check_agreement(plan, forward, "original VAE")
+    return plan
+
+
+def vae_to_original(
+    state: Mapping[str, np.ndarray], prefix: str = VAE_PREFIX
+) -> dict[str, np.ndarray]:
+    """Converts a diffusers `AutoencoderKL` state dict to the original (LDM) layout.
+
+    Args:
+      state: diffusers state dict of numpy arrays; order is kept.
+      prefix: prepended to every original name.
+
+    Returns:
+      The original-layout state dict; attention projection weights become `(out, in, 1, 1)`
+      convolutions, every other value is passed through untouched.
+
+    Raises:
+      ValueError: if a key has no place in the original layout (all such keys are named).
+    """
+    num_up = _max_index(state.keys(), "decoder", "up_blocks")
+    key_map = _vae_key_map(state.keys(), num_up)
+    unmapped = [k for k, v in key_map.items() if v is None]
+    if unmapped:
+        raise _unmapped_error(unmapped, "diffusers VAE")
+    _check_unique(key_map, "diffusers VAE")
+    return {
+        prefix + key_map[key]: linear_to_conv1x1(value) if _is_vae_projection_weight(key) else value
+        for key, value in state.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Text encoder
+# ---------------------------------------------------------------------------------------------
+
+
+def _clip_layer(name: str) -> tuple[int, str, str] | None:
+    """`(N, module, leaf)` of a transformers `encoder.layers.N.<module>.<leaf>` name, or None."""
+    match name.split("."):
+        case ["encoder", "layers", n, *module, leaf] if _index(n) is not None and leaf in _LEAVES:
+            sub = ".".join(module)
+            if sub in _CLIP_LAYER or sub in _CLIP_QKV:
+                return int(n), sub, leaf
+    return None
+
+
+def _clip_to_open_clip(name: str) -> tuple[str, int | None] | None:
+    """`(OpenCLIP name below "model.", q/k/v part or None)` of a transformers name (below
+    `text_model.`), or None if it has no place."""
+    if name in _CLIP_FIXED:
+        return _CLIP_FIXED[name], None
+    layer = _clip_layer(name)
+    if layer is None:
+        return None
+    n, sub, leaf = layer
+    if sub in _CLIP_QKV:
+        return f"transformer.resblocks.{n}.{_OPEN_CLIP_IN_PROJ}_{leaf}", _CLIP_QKV.index(sub)
+    return f"transformer.resblocks.{n}.{_CLIP_LAYER[sub]}.{leaf}", None
+
+
+def _open_clip_to_clip(name: str) -> tuple[int | None, list[tuple[str, int | None]]] | None:
+    """`(layer or None, [(transformers name below text_model., part or None), ...])` of an
+    OpenCLIP name (below `model.`); None if it has no place."""
+    if name in _CLIP_FIXED_INV:
+        return None, [(_CLIP_FIXED_INV[name], None)]
+    match name.split("."):
+        case ["transformer", "resblocks", n, "attn", ("in_proj_weight" | "in_proj_bias") as p] if (
+            _index(n) is not None
+        ):
+            leaf = p.removeprefix("in_proj_")
+            return int(n), [
+                (f"encoder.layers.{n}.{sub}.{leaf}", i) for i, sub in enumerate(_CLIP_QKV)
+            ]
+        case ["transformer", "resblocks", n, *module, leaf] if (
+            _index(n) is not None and leaf in _LEAVES and ".".join(module) in _CLIP_LAYER_INV
+        ):
+            return int(n), [
+                (f"encoder.layers.{n}.{_CLIP_LAYER_INV['.'.join(module)]}.{leaf}", None)
+            ]
+    return None
+
+
+def _is_sd1_clip_name(name: str) -> bool:
+    return name in _CLIP_FIXED or _clip_layer(name) is not None
+
+
+def clip_kind(original_keys: Iterable[str], prefix: str = CLIP_PREFIX) -> ClipKind | None:
+    """`"sd1"` (transformers CLIP under `transformer.`), `"sd2"` (OpenCLIP under `model.`), or
+    None if the file has no text encoder under `prefix`.
+
+    Raises:
+      ValueError: if both are present.
+    """
+    sd1 = sd2 = False
+    for key in original_keys:
+        sd1 = sd1 or key.startswith(prefix + SD1_CLIP_ROOT)
+        sd2 = sd2 or key.startswith(prefix + SD2_CLIP_ROOT)
+    if sd1 and sd2:
+        raise ValueError(
+            f"both an SD 1.x ({prefix + SD1_CLIP_ROOT!r}) and an SD 2.x "
+            f"({prefix + SD2_CLIP_ROOT!r}) text encoder in one file"
+        )
+    return "sd1" if sd1 else "sd2" if sd2 else None
+
+
+def _sd1_root(names: Mapping[str, str], prefix: str) -> str:
+    """`"text_model."` if the SD 1.x keys carry it (all of them must), else `""`."""
+    with_level = [name.startswith(TEXT_MODEL_PREFIX) for name in names.values()]
+    if any(with_level) and not all(with_level):
+        bare = [k for k, w in zip(names, with_level) if not w]
+        raise ValueError(
+            f"SD 1.x text encoder keys mix {prefix + SD1_CLIP_ROOT + TEXT_MODEL_PREFIX!r} and "
+            f"bare names; bare: {_format_keys(bare)}"
+        )
+    return TEXT_MODEL_PREFIX if with_level and all(with_level) else ""
+
+
+def clip_sources(
+    original_keys: Iterable[str],
+    prefix: str = CLIP_PREFIX,
+    num_layers: int | None = None,
+    text_model_prefix: str = TEXT_MODEL_PREFIX,
+) -> dict[str, Source]:
+    """Plans loading a transformers `CLIPTextModel` from an original SD single file.
+
+    The kind (SD 1.x transformers CLIP or SD 2.x OpenCLIP) is read from the keys (`clip_kind`).
+
+    Args:
+      original_keys: the file's keys (all components; only the text encoder's are read).
+      prefix: the text encoder's prefix in the file.
+      num_layers: `config.num_hidden_layers` of the target model; layers at or past it are left
+        out of the plan. By default every SD 1.x layer, and all OpenCLIP resblocks but the last
+        (SD 2.x uses the penultimate layer; diffusers' SD 2 text encoder has 23 of 24).
+      text_model_prefix: prepended to the transformers names; `""` for the flattened
+        `CLIPTextModel.state_dict()` of transformers >= 5.6.
+
+    Returns:
+      `{transformers_key: (original_key, transform)}` in file order. For OpenCLIP, q/k/v are
+      `functools.partial(third, part=0|1|2)` of one `attn.in_proj_{weight,bias}`; every other
+      transform is None. `position_ids`, `text_projection`, `logit_scale` and layers past
+      `num_layers` are not read (see `ignored_keys`).
+
+    Raises:
+      ValueError: if the file has no (or two) text encoders under `prefix`, or a key has no
+        place in the transformers layout (all such keys are named).
+    """
+    keys = list(original_keys)
+    kind = clip_kind(keys, prefix)
+    if kind is None:
+        raise ValueError(
+            f"no text encoder keys under {prefix + SD1_CLIP_ROOT!r} or {prefix + SD2_CLIP_ROOT!r}"
+        )
+    if num_layers is not None:
+        _check_positive_int(num_layers, "num_layers")
+    plan: dict[str, Source] = {}
+    unmapped: list[str] = []
+
+    if kind == "sd1":
+        root = prefix + SD1_CLIP_ROOT
+        names = _under(keys, root)
+        level = _sd1_root(names, prefix)
+        limit = (
+            num_layers
+            if num_layers is not None
+            else _max_index((n[len(level) :] for n in names.values()), "encoder", "layers")
+        )
+        for key, name in names.items():
+            name = name[len(level) :]
+            if name in _SD1_CLIP_IGNORED:
+                continue
+            if not _is_sd1_clip_name(name):
+                unmapped.append(key)
+                continue
+            layer = _clip_layer(name)
+            if layer is None or layer[0] < limit:
+                plan[text_model_prefix + name] = (key, None)
+        if unmapped:
+            raise _unmapped_error(unmapped, "original SD 1.x text encoder")
+        return plan
+
+    root = prefix + SD2_CLIP_ROOT
+    names = _under(keys, root)
+    limit = num_layers
+    if limit is None:
+        limit = max(_max_index(names.values(), "transformer", "resblocks") - 1, 0)
+    for key, name in names.items():
+        if name in _SD2_CLIP_IGNORED:
+            continue
+        parsed = _open_clip_to_clip(name)
+        if parsed is None:
+            unmapped.append(key)
+            continue
+        layer, targets = parsed
+        if layer is not None and layer >= limit:
+            continue
+        for target, part in targets:
+            transform = None if part is None else _THIRDS[part]
+            plan[text_model_prefix + target] = (key, transform)
+    if unmapped:
+        raise _unmapped_error(unmapped, "original SD 2.x (OpenCLIP) text encoder")
+    # Cross-check with the writing direction's parser.
+    for target, (key, transform) in plan.items():
+        back = _clip_to_open_clip(target[len(text_model_prefix) :])
+        part = None if transform is None else _THIRDS.index(transform)
+        if back is None or (root + back[0], back[1]) != (key, part):
+            raise ValueError(f"ambiguous original SD 2.x text encoder key {key!r}")
+    return plan
+
+
+def clip_to_original(
+    state: Mapping[str, np.ndarray], kind: ClipKind, prefix: str = CLIP_PREFIX
+) -> dict[str, np.ndarray]:
+    """Converts a transformers `CLIPTextModel` state dict to the original SD layout.
+
+    Args:
+      state: text encoder state dict of numpy arrays, every key with the `text_model.` prefix or
+        none (transformers >= 5.6 `CLIPTextModel.state_dict()`); order is kept where possible.
+      kind: `"sd1"` writes `cond_stage_model.transformer.text_model.*` unchanged; `"sd2"` writes
+        OpenCLIP `cond_stage_model.model.*`, stacking q/k/v into `attn.in_proj_{weight,bias}`
+        (at the position of the layer's `q_proj`).
+      prefix: prepended to every original name.
+
+    Returns:
+      The original-layout state dict. For `"sd2"` it has only the `num_hidden_layers` resblocks
+      the model has: OpenCLIP's last block (unused by SD 2.x), `text_projection` and
+      `logit_scale` have no diffusers counterpart and are not written.
+
+    Raises:
+      ValueError: on an unknown kind, mixed prefixed/bare keys, a key with no place in the
+        original layout, or an incomplete q/k/v triple.
+    """
+    if kind not in ("sd1", "sd2"):
+        raise ValueError(f"kind must be 'sd1' or 'sd2', got {kind!r}")
+    with_level = [key.startswith(TEXT_MODEL_PREFIX) for key in state]
+    if any(with_level) and not all(with_level):
+        bare = [k for k, w in zip(state, with_level) if not w]
+        raise ValueError(
+            f"text encoder keys mix {TEXT_MODEL_PREFIX!r}-prefixed and bare names; "
+            f"bare: {_format_keys(bare)}"
+        )
+    strip = len(TEXT_MODEL_PREFIX) if with_level and all(with_level) else 0
+    names = {key: key[strip:] for key in state}
+
+    if kind == "sd1":
+        unmapped = [key for key, name in names.items() if not _is_sd1_clip_name(name)]
+        if unmapped:
+            raise _unmapped_error(unmapped, "diffusers SD 1.x text encoder")
+        root = prefix + SD1_CLIP_ROOT + TEXT_MODEL_PREFIX
+        return {root + names[key]: value for key, value in state.items()}
+
+    root = prefix + SD2_CLIP_ROOT
+    mapped = {key: _clip_to_open_clip(name) for key, name in names.items()}
+    unmapped = [key for key, m in mapped.items() if m is None]
+    if unmapped:
+        raise _unmapped_error(unmapped, "diffusers SD 2.x text encoder")
+    # Collect q/k/v parts per in_proj tensor first; they are written where q_proj sits.
+    stacks: dict[str, list[np.ndarray | None]] = {}
+    for key, (name, part) in mapped.items():
+        if part is not None:
+            stacks.setdefault(name, [None, None, None])[part] = state[key]
+    incomplete = [root + name for name, parts in stacks.items() if any(p is None for p in parts)]
+    if incomplete:
+        raise ValueError(f"incomplete q/k/v for {_format_keys(incomplete)}")
+    out: dict[str, np.ndarray] = {}
+    for key, (name, part) in mapped.items():
+        if part is None:
+            out[root + name] = state[key]
+        elif part == 0:
+            out[root + name] = np.concatenate(stacks[name], axis=0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans as a whole
+# ---------------------------------------------------------------------------------------------
+
+
+def apply_sources(
+    state: Mapping[str, np.ndarray], sources: Mapping[str, Source]
+) -> dict[str, np.ndarray]:
+    """Eagerly executes a load plan: `{target: transform(state[original])}`, in plan order.
+
+    Raises:
+      ValueError: if the plan reads keys `state` lacks (all are named).
+    """
+    missing = sorted({original for original, _ in sources.values() if original not in state})
+    if missing:
+        raise ValueError(f"{len(missing)} planned key(s) not in the state: {_format_keys(missing)}")
+    out = {}
+    for target, (original, transform) in sources.items():
+        value = state[original]
+        out[target] = value if transform is None else transform(value)
+    return out
+
+
+def ignored_keys(keys: Iterable[str], clip_prefix: str = CLIP_PREFIX) -> list[str]:
+    """The keys of an original SD file that SD loaders legitimately leave unread, in order.
+
+    These are the `LatentDiffusion` schedule buffers (`betas`, `alphas_cumprod`, ...,
+    `scale_factor`, `logvar`), the EMA copy `model_ema.*`, transformers' `position_ids` buffer
+    (SD 1.x), and for OpenCLIP (SD 2.x) `text_projection`, `logit_scale`, `attn_mask` and the
+    last resblock, which SD 2.x never runs.
+    """
+    keys = list(keys)
+    sd1_root = clip_prefix + SD1_CLIP_ROOT
+    sd2_root = clip_prefix + SD2_CLIP_ROOT
+    sd2_names = _under(keys, sd2_root)
+    last_block = _max_index(sd2_names.values(), "transformer", "resblocks") - 1
+    last_block_head = f"transformer.resblocks.{last_block}."
+
+    def ignored(key: str) -> bool:
+        if key in _IGNORED_TOP_LEVEL or key.startswith(_IGNORED_PREFIXES):
+            return True
+        if key.startswith(sd1_root):
+            name = key[len(sd1_root) :].removeprefix(TEXT_MODEL_PREFIX)
+            return name in _SD1_CLIP_IGNORED
+        if key in sd2_names:
+            name = sd2_names[key]
+            return name in _SD2_CLIP_IGNORED or (
+                last_block >= 0 and name.startswith(last_block_head)
+            )
+        return False
+
+    return [key for key in keys if ignored(key)]
+
+
+def unexpected_keys(
+    original_keys: Iterable[str], *plans: Mapping[str, Source], clip_prefix: str = CLIP_PREFIX
+) -> list[str]:
+    """The keys of an original file that no plan reads and `ignored_keys` does not excuse, in
+    order: what a loader should report as unexpected."""
+    keys = list(original_keys)
+    read = {original for plan in plans for original, _ in plan.values()}
+    excused = set(ignored_keys(keys, clip_prefix))
+    return [key for key in keys if key not in read and key not in excused]

@@ -1,0 +1,287 @@
+"""Whole Stable Diffusion checkpoints -> the frozen components in Flax.
+
+`load_pipeline(path)` reads either a diffusers pipeline folder
+(`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
+`scheduler/`) or one original checkpoint (`model.diffusion_model.*`,
+`first_stage_model.*`, `cond_stage_model.*`) plus a named config (`sd15`,
+`sd21`) or a given one. Tensors stream from the safetensors files one at a time
+straight into the Flax trees, so a load holds about one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cn_jax.diffusion.schedule import NoiseScheduleConfig
+from cn_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, canonical_torch_state
+from cn_jax.models.clip_text import example_inputs as text_example_inputs
+from cn_jax.models.config import UNetConfig
+from cn_jax.models.layers import Dtype
+from cn_jax.models.presets import preset
+from cn_jax.models.unet import UNet
+from cn_jax.models.unet import example_inputs as unet_example_inputs
+from cn_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
+from cn_jax.models.vae import example_inputs as vae_example_inputs
+from cn_jax.weights import original_sd
+from cn_jax.weights.errors import WeightFileError
+from cn_jax.weights.folders import (
+    CONFIG_NAME,
+    _open_state,
+    _read_json,
+    _weight_files,
+    load_unet,
+)
+from cn_jax.weights.keymap import torch_to_flax
+
+SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+    """The frozen components of a Stable Diffusion model, each with its params.
+
+    Attributes:
+      unet, unet_params: the denoiser.
+      vae, vae_params: the autoencoder (`vae.config.scaling_factor` scales latents).
+      text_encoder, text_encoder_params: the CLIP text transformer.
+      tokenizer: a `transformers.CLIPTokenizer`, or None when the source had none.
+      schedule: the training noise schedule and prediction type.
+      source: where it was loaded from.
+    """
+
+    unet: UNet
+    unet_params: Any
+    vae: AutoencoderKL
+    vae_params: Any
+    text_encoder: CLIPTextModel
+    text_encoder_params: Any
+    tokenizer: Any
+    schedule: NoiseScheduleConfig
+    source: str
+
+
+def _abstract(module, inputs) -> Any:
+    return jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)["params"]
+
+
+# Deprecated attention names of older diffusers VAE files (diffusers renames
+# them on load too).
+_VAE_DEPRECATED = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _vae_state(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The VAE state under current diffusers names (old `query`/`proj_attn` renamed)."""
+    sources = {}
+    for key in state:
+        parts = key.split(".")
+        if len(parts) >= 2 and "attentions" in parts and parts[-2] in _VAE_DEPRECATED:
+            parts[-2] = _VAE_DEPRECATED[parts[-2]]
+        sources[".".join(parts)] = (key, None)
+    return _Planned(state, sources)
+
+
+class _Planned(Mapping):
+    """Diffusers-named tensors computed lazily from an original checkpoint."""
+
+    def __init__(self, state: Mapping, sources: Mapping[str, tuple[str, Callable | None]]):
+        self._state, self._sources = state, sources
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        name, transform = self._sources[key]
+        value = self._state[name]
+        return transform(value) if transform is not None else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+
+def load_pipeline(
+    path: str | os.PathLike,
+    config: str | Mapping | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    variant: str | None = None,
+    allow_pickle: bool = False,
+) -> StableDiffusion:
+    """Load the frozen components of a Stable Diffusion model.
+
+    Args:
+      path: a diffusers pipeline folder, or one original checkpoint file
+        (`.safetensors`; `.ckpt` with `allow_pickle=True`).
+      config: for a single file: a named config ("sd15", "sd21"), or a dict
+        with the component configs ("unet", "vae", "text_encoder",
+        "scheduler"), or a diffusers pipeline folder whose configs to use.
+        Ignored for a folder.
+      tokenizer: a `tokenizer/` folder (CLIP vocab.json + merges.txt) for a
+        single file, which carries none. Default for a folder: its own.
+      dtype: compute dtype of the returned modules.
+      param_dtype: dtype the weights are cast to (float32 or bfloat16).
+      variant: diffusers weight variant in a folder (e.g. "fp16").
+      allow_pickle: accept pickle files (`torch.load(weights_only=True)`).
+
+    Returns:
+      A `StableDiffusion` bundle.
+
+    Raises:
+      WeightFileError: a missing subfolder, file or key, or a mis-shaped tensor,
+        named.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise WeightFileError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return _load_folder(path, dtype, param_dtype, variant, allow_pickle, tokenizer)
+    return _load_single_file(path, config, tokenizer, dtype, param_dtype, allow_pickle)
+
+
+def _load_folder(path, dtype, param_dtype, variant, allow_pickle, tokenizer) -> StableDiffusion:
+    if not (path / "model_index.json").is_file():
+        raise WeightFileError(
+            f"{path}: not a diffusers pipeline folder (no model_index.json); for a single "
+            "model use load_unet / load_controlnet"
+        )
+    for sub in SUBFOLDERS:
+        if not (path / sub).is_dir() and not (sub == "tokenizer" and tokenizer is not None):
+            raise WeightFileError(f"{path}: missing subfolder {sub}/")
+    unet, unet_params = load_unet(path / "unet", dtype, param_dtype, variant, allow_pickle)
+
+    vae_cfg_file = _config_file(path / "vae", CONFIG_NAME)
+    vae = AutoencoderKL(
+        AutoencoderKLConfig.from_dict(_read_json(vae_cfg_file), str(vae_cfg_file)),
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
+    vae_files = _weight_files(path / "vae", variant, allow_pickle)
+    vae_state, _ = _open_state(vae_files, allow_pickle)
+    vae_params = torch_to_flax(
+        _vae_state(vae_state), _abstract(vae, vae_example_inputs(vae.config)), str(vae_files[0])
+    )
+
+    te_cfg_file = _config_file(path / "text_encoder", CONFIG_NAME)
+    te = CLIPTextModel(
+        CLIPTextConfig.from_dict(_read_json(te_cfg_file), str(te_cfg_file)),
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
+    te_files = _weight_files(
+        path / "text_encoder", variant, allow_pickle, stem="model", pickle_name="pytorch_model.bin"
+    )
+    te_state, _ = _open_state(te_files, allow_pickle)
+    te_params = torch_to_flax(
+        canonical_torch_state(te_state),
+        _abstract(te, text_example_inputs(te.config)),
+        str(te_files[0]),
+    )
+
+    sched_file = _config_file(path / "scheduler", "scheduler_config.json")
+    schedule = NoiseScheduleConfig.from_dict(_read_json(sched_file), str(sched_file))
+    tok = _tokenizer(tokenizer or path / "tokenizer")
+    return StableDiffusion(
+        unet, unet_params, vae, vae_params, te, te_params, tok, schedule, str(path)
+    )
+
+
+def _config_file(folder: Path, name: str) -> Path:
+    f = folder / name
+    if not f.is_file():
+        raise WeightFileError(f"{folder}: missing {name}")
+    return f
+
+
+def _tokenizer(folder):
+    from cn_jax.tokenizer import load_tokenizer
+
+    return load_tokenizer(folder)
+
+
+def _component_configs(config, source: Path) -> dict[str, dict]:
+    if config is None:
+        raise ValueError(
+            f"{source}: an original checkpoint carries no config: pass config='sd15' or 'sd21' "
+            "(or a dict of component configs, or a diffusers pipeline folder)"
+        )
+    if isinstance(config, str) and not Path(config).is_dir():
+        return preset(config)
+    if isinstance(config, Mapping):
+        missing = [k for k in ("unet", "vae", "text_encoder", "scheduler") if k not in config]
+        if missing:
+            raise ValueError(f"config dict lacks component config(s) {missing}")
+        return dict(config)
+    folder = Path(config)
+    return {
+        "unet": _read_json(_config_file(folder / "unet", CONFIG_NAME)),
+        "vae": _read_json(_config_file(folder / "vae", CONFIG_NAME)),
+        "text_encoder": _read_json(_config_file(folder / "text_encoder", CONFIG_NAME)),
+        "scheduler": _read_json(_config_file(folder / "scheduler", "scheduler_config.json")),
+    }
+
+
+def _load_single_file(path, config, tokenizer, dtype, param_dtype, allow_pickle) -> StableDiffusion:
+    cfgs = _component_configs(config, path)
+    src = str(path)
+    unet = UNet(UNetConfig.from_dict(cfgs["unet"], f"{src} unet config"), dtype, param_dtype)
+    vae = AutoencoderKL(
+        AutoencoderKLConfig.from_dict(cfgs["vae"], f"{src} vae config"), dtype, param_dtype
+    )
+    te = CLIPTextModel(
+        CLIPTextConfig.from_dict(cfgs["text_encoder"], f"{src} text_encoder config"),
+        dtype,
+        param_dtype,
+    )
+    schedule = NoiseScheduleConfig.from_dict(cfgs["scheduler"], f"{src} scheduler config")
+
+    state, _ = _open_state([path], allow_pickle)
+    keys = list(state)
+    try:
+        plans = {
+            "unet": original_sd.unet_sources(keys, unet.config.layers_per_block),
+            "vae": original_sd.vae_sources(keys),
+            "text_encoder": original_sd.clip_sources(keys, num_layers=te.config.num_hidden_layers),
+        }
+    except ValueError as e:
+        raise WeightFileError(f"{src}: {e}") from None
+    unexpected = original_sd.unexpected_keys(keys, *plans.values())
+    if unexpected:
+        shown = "\n    ".join(unexpected[:20])
+        more = f"\n    ... and {len(unexpected) - 20} more" if len(unexpected) > 20 else ""
+        raise WeightFileError(
+            f"{src}: {len(unexpected)} unexpected keys in the checkpoint:\n    {shown}{more}"
+        )
+    unet_params = torch_to_flax(
+        _Planned(state, plans["unet"]),
+        _abstract(unet, unet_example_inputs(unet.config)),
+        f"{src} (unet, model.diffusion_model.*)",
+    )
+    vae_params = torch_to_flax(
+        _Planned(state, plans["vae"]),
+        _abstract(vae, vae_example_inputs(vae.config)),
+        f"{src} (vae, first_stage_model.*)",
+    )
+    te_params = torch_to_flax(
+        _Planned(state, plans["text_encoder"]),
+        _abstract(te, text_example_inputs(te.config)),
+        f"{src} (text encoder, cond_stage_model.*)",
+    )
+    tok = None
+    if tokenizer is not None:
+        tok = _tokenizer(tokenizer)
+    else:
+        warnings.warn(
+            f"{src}: an original checkpoint has no tokenizer; pass tokenizer=<a tokenizer/ "
+            "folder> to encode prompts (bundle.tokenizer is None)",
+            stacklevel=2,
+        )
+    return StableDiffusion(unet, unet_params, vae, vae_params, te, te_params, tok, schedule, src)
