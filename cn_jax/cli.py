@@ -8,6 +8,7 @@ cn-jax convert IN OUT --format diffusers|original [--dtype float16] [--allow-pic
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -74,6 +75,36 @@ def _unet_from_single_file(path, config, allow_pickle):
     return sd.unet, sd.unet_params
 
 
+def _train(args: argparse.Namespace) -> int:
+    import logging
+
+    from cn_jax.config import load_config
+    from cn_jax.train.loop import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    config = load_config(args.config, args.overrides)
+    last = train(config, args.workdir)
+    if last:
+        print(json.dumps(last))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from cn_jax.train.export import export_run
+
+    step = export_run(args.run, args.out, format=args.format, step=args.step, ema=args.ema)
+    print(f"wrote {args.out} ({args.format}) from step {step} of {args.run}")
+    return 0
+
+
+def _data_fill50k(args: argparse.Namespace) -> int:
+    from cn_jax.data.fill50k import make_fill50k
+
+    out = make_fill50k(args.out, num=args.num, size=args.size, seed=args.seed)
+    print(f"wrote {args.num} samples to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cn-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +120,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept .bin/.ckpt/.pth input (torch.load with weights_only=True)",
     )
     conv.set_defaults(func=_convert)
+
+    tr = sub.add_parser("train", help="train (or resume) a ControlNet")
+    tr.add_argument("--config", required=True, help="YAML config (see configs/)")
+    tr.add_argument("--workdir", required=True, help="run directory; resumes if it has checkpoints")
+    tr.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    tr.set_defaults(func=_train)
+
+    ex = sub.add_parser("export", help="export the trained ControlNet of a run")
+    ex.add_argument("--run", required=True, help="the run directory (--workdir of train)")
+    ex.add_argument("--out", required=True, help="folder (diffusers) or .safetensors (original)")
+    ex.add_argument("--format", choices=("diffusers", "original"), default="diffusers")
+    ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    ex.add_argument("--ema", action="store_true", help="export the EMA weights")
+    ex.set_defaults(func=_export)
+
+    data = sub.add_parser("data", help="dataset tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    f50 = data_sub.add_parser("fill50k", help="synthetic circles in the fill50k layout")
+    f50.add_argument("--out", required=True)
+    f50.add_argument("--num", type=int, default=1000)
+    f50.add_argument("--size", type=int, default=64)
+    f50.add_argument("--seed", type=int, default=0)
+    f50.set_defaults(func=_data_fill50k)
 
     init = sub.add_parser(
         "init-controlnet", help="a new ControlNet initialised from a base model's UNet"
@@ -112,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (WeightFileError, ValueError) as e:
+    except (WeightFileError, ValueError, FileNotFoundError) as e:
         print(f"cn-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -37,6 +37,47 @@ _SCHEDULE = {
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # cn_jax's embedded default: a pixel-space model (no VAE, latent factor 1)
+    # at 32 px with a 2-layer text encoder over the bundled tiny tokenizer.
+    # Attention only at 16 and 8 px keeps a CPU step cheap.
+    "tiny": {
+        "unet": {
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "block_out_channels": [32, 64, 64],
+            "layers_per_block": 1,
+            "attention_head_dim": 4,
+            "cross_attention_dim": 64,
+            "norm_num_groups": 16,
+            "sample_size": 32,
+        },
+        "vae": None,
+        "text_encoder": {
+            "vocab_size": 594,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "projection_dim": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 16,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+            "pad_token_id": 593,
+            "bos_token_id": 592,
+            "eos_token_id": 593,
+        },
+        "scheduler": {
+            "num_train_timesteps": 1000,
+            "beta_start": 0.0001,
+            "beta_end": 0.02,
+            "beta_schedule": "linear",
+            "prediction_type": "epsilon",
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+        },
+    },
     # runwayml / stable-diffusion-v1-5: CLIP ViT-L/14 text encoder, 512 px.
     "sd15": {
         "unet": {

@@ -43,6 +43,7 @@ from cn_jax.weights.folders import (
 from cn_jax.weights.keymap import torch_to_flax
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+BUNDLED_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "tiny_tokenizer"
 
 
 @dataclasses.dataclass
@@ -60,7 +61,7 @@ class StableDiffusion:
 
     unet: UNet
     unet_params: Any
-    vae: AutoencoderKL
+    vae: AutoencoderKL | None  # None: a pixel-space model (latent factor 1)
     vae_params: Any
     text_encoder: CLIPTextModel
     text_encoder_params: Any
@@ -285,3 +286,40 @@ def _load_single_file(path, config, tokenizer, dtype, param_dtype, allow_pickle)
             stacklevel=2,
         )
     return StableDiffusion(unet, unet_params, vae, vae_params, te, te_params, tok, schedule, src)
+
+
+def random_pipeline(
+    architecture: str,
+    seed: int = 0,
+    tokenizer: str | os.PathLike | None = None,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+) -> StableDiffusion:
+    """A named architecture (`presets.PRESETS`) with random weights, no files needed.
+
+    For benchmarks at real shapes (`sd15`, `sd21`) and for the embedded `tiny`
+    model before it is trained. The tokenizer defaults to the bundled tiny one
+    (its vocabulary matches `tiny`; for the others it only needs valid ids).
+    """
+    cfgs = preset(architecture)
+    k_unet, k_vae, k_text = jax.random.split(jax.random.PRNGKey(seed), 3)
+    unet = UNet(UNetConfig.from_dict(cfgs["unet"], architecture), dtype, param_dtype)
+    unet_params = _init(unet, k_unet, unet_example_inputs(unet.config))
+    vae = vae_params = None
+    if cfgs["vae"] is not None:
+        vae_cfg = AutoencoderKLConfig.from_dict(cfgs["vae"], architecture)
+        vae = AutoencoderKL(vae_cfg, dtype, param_dtype)
+        vae_params = _init(vae, k_vae, vae_example_inputs(vae.config))
+    te_cfg = CLIPTextConfig.from_dict(cfgs["text_encoder"], architecture)
+    te = CLIPTextModel(te_cfg, dtype, param_dtype)
+    te_params = _init(te, k_text, text_example_inputs(te.config))
+    schedule = NoiseScheduleConfig.from_dict(cfgs["scheduler"], architecture)
+    tok = _tokenizer(tokenizer or BUNDLED_TOKENIZER)
+    return StableDiffusion(
+        unet, unet_params, vae, vae_params, te, te_params, tok, schedule, f"random:{architecture}"
+    )
+
+
+def _init(module, key, inputs) -> Any:
+    # jit: one compiled init instead of op-by-op dispatch of every initializer.
+    return jax.jit(module.init)(key, *inputs)["params"]

@@ -1,0 +1,171 @@
+"""Run configuration: YAML files validated into typed models.
+
+Every section forbids unknown keys, so a typo (`train.learnig_rate`) is an
+error naming the key and the file instead of a silently ignored setting.
+Command-line overrides use `section.key=value` with YAML scalars
+(`train.learning_rate=2e-4`, `data.random_flip=true`, `model.base=null`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Trainable = Literal["controlnet", "controlnet+decoder", "unet"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """What is trained on top of what."""
+
+    # A diffusers pipeline folder or one original checkpoint. None: random
+    # weights of `architecture` (benchmarks, tests).
+    base: str | None = None
+    base_config: str | None = None  # named config of a single-file base: sd15 | sd21
+    architecture: str = "tiny"  # for random bases: tiny | sd15 | sd21
+    tokenizer: str | None = None  # tokenizer folder; default: the base's (or bundled tiny one)
+    controlnet: str | None = None  # continue from this ControlNet; None: copy of the base UNet
+    conditioning_channels: int = Field(3, ge=1)
+    conditioning_embedding: Literal["released", "paper"] = "released"
+    conditioning_channel_order: Literal["rgb", "bgr"] = "rgb"
+
+
+class TrainConfig(_Section):
+    """The optimisation."""
+
+    max_steps: int = Field(1000, ge=0)
+    batch_size: int = Field(8, ge=1)  # global batch per optimizer step, all devices
+    grad_accum: int = Field(1, ge=1)  # micro-batches per step (batch_size / grad_accum each)
+    learning_rate: float = Field(1e-5, gt=0)  # the original ControlNet's
+    decoder_learning_rate: float | None = None  # controlnet+decoder: UNet decoder lr
+    lr_schedule: Literal["constant", "warmup_constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 1e-2
+    max_grad_norm: float | None = 1.0  # global-norm clipping; None: off
+    trainable: Trainable = "controlnet"
+    precision: Literal["float32", "bfloat16"] = "float32"  # compute; master weights float32
+    remat: bool = False  # recompute block activations in the backward pass
+    ema_decay: float | None = None  # e.g. 0.9999; None: no EMA
+    seed: int = 0
+    checkpoint_every: int = Field(1000, ge=1)
+    max_to_keep: int | None = 3
+    log_every: int = Field(10, ge=1)
+    validate_every: int | None = None  # steps; None: never
+    validation_samples: int = Field(4, ge=1)
+    validation_steps: int = Field(20, ge=1)  # sampler steps per validation image
+
+    @model_validator(mode="after")
+    def _accum_divides(self):
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"train.batch_size={self.batch_size} must be a multiple of "
+                f"train.grad_accum={self.grad_accum}"
+            )
+        return self
+
+
+class DataConfig(_Section):
+    """The dataset and the host input pipeline."""
+
+    path: str | None = None
+    format: Literal["auto", "fill50k", "imagefolder", "disk", "parquet"] = "auto"
+    image_column: str = "image"
+    conditioning_image_column: str = "conditioning_image"
+    caption_column: str = "text"
+    resolution: int = Field(512, ge=8)
+    proportion_empty_prompts: float = Field(0.5, ge=0.0, le=1.0)  # the paper's 50%
+    random_crop: bool = False
+    random_flip: bool = False
+    on_bad_sample: Literal["error", "skip"] = "error"
+    num_workers: int = Field(2, ge=1)
+    prefetch: int = Field(2, ge=1)
+    cache_latents: bool = False
+
+
+class MeshConfig(_Section):
+    """Device mesh ("data", "fsdp"): the batch is split over both axes."""
+
+    fsdp: int = Field(1, ge=1)  # devices sharing each parameter; 1: replicated params
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    mesh: MeshConfig = MeshConfig()
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the file."""
+
+
+def _set(tree: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {dotted}: {k} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`["train.learning_rate=2e-4", ...]` -> [("train.learning_rate", 0.0002), ...]."""
+    out = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: {e}") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults), apply overrides, validate.
+
+    Raises:
+      ConfigError: naming the file (or "override") and each offending key.
+    """
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for key, value in parse_overrides(list(overrides)):
+        _set(data, key, value, "override")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"{loc}: {msg}")
+        raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(problems)) from None
+
+
+def dump_config(config: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config (every field, defaults included) as YAML."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))

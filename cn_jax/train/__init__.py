@@ -1,0 +1,1 @@
+"""Training: trainable selection, the pure train step, sharding, checkpoints, the loop."""

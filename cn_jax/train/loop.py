@@ -1,0 +1,294 @@
+"""The training run: `train(config, workdir)`, read top to bottom.
+
+Set up processes and mesh -> load the frozen base and the ControlNet -> split
+trainable / frozen -> create or restore the state -> data -> compile the step
+ahead of time -> loop (progress bar, TensorBoard scalars, checkpoints,
+validation grids), stopping cleanly on a NaN/Inf loss without touching what
+was saved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from cn_jax.config import Config, dump_config
+from cn_jax.models.config import ControlNetConfig
+from cn_jax.models.controlnet import ControlNet, init_controlnet_from_unet
+from cn_jax.train import sharding as shd
+from cn_jax.train.checkpoint import Checkpointer
+from cn_jax.train.state import (
+    TrainState,
+    group_labels,
+    labels_for,
+    make_optimizer,
+    split,
+)
+from cn_jax.train.step import StepModels, make_train_step
+
+log = logging.getLogger("cn_jax.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf; the run stopped before saving anything."""
+
+
+# -- models -----------------------------------------------------------------------
+
+
+def load_base(config: Config, dtype):
+    """The frozen Stable Diffusion components the config names (or random ones)."""
+    from cn_jax.weights.sd import load_pipeline, random_pipeline
+
+    m = config.model
+    if m.base is None:
+        seed, tok = config.train.seed, m.tokenizer
+        return random_pipeline(m.architecture, seed=seed, tokenizer=tok, dtype=dtype)
+    return load_pipeline(m.base, config=m.base_config, tokenizer=m.tokenizer, dtype=dtype)
+
+
+def controlnet_config(config: Config, unet_config, latent_factor: int) -> ControlNetConfig:
+    """The ControlNet for this base: released encoder widths truncated to the
+    latent factor (1 width per factor of 2, plus one), or the paper's encoder."""
+    m = config.model
+    widths = None
+    if m.conditioning_embedding == "released" and latent_factor != 8:
+        n = int(math.log2(latent_factor)) + 1
+        widths = (16, 32, 96, 256)[:n] if n <= 4 else None
+    return ControlNetConfig.from_unet(
+        unet_config,
+        conditioning_channels=m.conditioning_channels,
+        controlnet_conditioning_channel_order=m.conditioning_channel_order,
+        conditioning_embedding_out_channels=widths,
+        conditioning_embedding_type=m.conditioning_embedding,
+        conditioning_latent_factor=None
+        if m.conditioning_embedding == "released"
+        else latent_factor,
+    )
+
+
+def build(config: Config):
+    """Models, the full parameter tree, and the base bundle."""
+    dtype = jnp.bfloat16 if config.train.precision == "bfloat16" else jnp.float32
+    sd = load_base(config, dtype)
+    latent_factor = 1 if sd.vae is None else sd.vae.config.latent_factor
+    cnet = None
+    params = {"unet": sd.unet_params, "text_encoder": sd.text_encoder_params}
+    if sd.vae is not None:
+        params["vae"] = sd.vae_params
+    if config.train.trainable != "unet":
+        if config.model.controlnet:
+            from cn_jax.weights.folders import load_controlnet
+
+            cnet, cparams = load_controlnet(config.model.controlnet, dtype=dtype)
+        else:
+            ccfg = controlnet_config(config, sd.unet.config, latent_factor)
+            cnet = ControlNet(ccfg, dtype=dtype)
+            cparams = init_controlnet_from_unet(
+                sd.unet_params, ccfg, jax.random.PRNGKey(config.train.seed)
+            )
+        params["controlnet"] = cparams
+    models = StepModels(
+        unet=sd.unet,
+        controlnet=cnet,
+        vae=sd.vae,
+        text_encoder=sd.text_encoder,
+        prediction_type=sd.schedule.prediction_type,
+        scaling_factor=sd.vae.config.scaling_factor if sd.vae is not None else 1.0,
+    )
+    return models, params, sd
+
+
+# -- the run ----------------------------------------------------------------------
+
+
+def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume training) in `workdir`; returns the last step's metrics."""
+    from cn_jax.data import Loader, open_dataset
+    from cn_jax.tokenizer import tokenize
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tc = config.train
+
+    # == Set up processes and mesh ==
+    shd.maybe_initialize_distributed()
+    mesh = shd.make_mesh(config.mesh.fsdp)
+    n_proc, proc = jax.process_count(), jax.process_index()
+    if tc.batch_size % mesh.size:
+        raise ValueError(
+            f"train.batch_size={tc.batch_size} must be divisible by the {mesh.size} devices"
+        )
+    if proc == 0:
+        dump_config(config, workdir / "config.yaml")
+
+    # == Create models; split what trains from what is frozen ==
+    models, params, sd = build(config)
+    if proc == 0:
+        _write_model_configs(workdir, models)
+    labels = labels_for(params, tc.trainable)
+    trainable, frozen = split(params, labels)
+    del params
+    tx = make_optimizer(tc, group_labels(trainable, labels))
+    frozen_sh = shd.param_shardings(mesh, frozen)
+    frozen = jax.device_put(frozen, frozen_sh)
+
+    # == Create the state already sharded (eval_shape, then jit with out_shardings) ==
+    def create(p):
+        return TrainState.create(p, tx, ema=tc.ema_decay is not None)
+
+    abstract_state = jax.eval_shape(create, trainable)
+    state_sh = shd.param_shardings(mesh, abstract_state)
+    state = jax.jit(create, out_shardings=state_sh)(trainable)
+    del trainable
+
+    # == Restore the latest checkpoint, if any ==
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=tc.max_to_keep)
+    data_position = None
+    if ckpt.latest_step() is not None:
+        target = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_state,
+            state_sh,
+        )
+        state, meta = ckpt.restore(None, target)
+        data_position = meta.get("data_position")
+        log.info("resumed from step %d", int(state.step))
+    start_step = int(state.step)
+
+    # == Data ==
+    if config.data.path is None:
+        raise ValueError("data.path is not set: point it at a dataset folder")
+    dataset = open_dataset(
+        config.data.path,
+        format=config.data.format,
+        image_column=config.data.image_column,
+        conditioning_image_column=config.data.conditioning_image_column,
+        caption_column=config.data.caption_column,
+    )
+    max_len = sd.text_encoder.config.max_position_embeddings
+    loader = Loader(
+        dataset,
+        global_batch_size=tc.batch_size,
+        resolution=config.data.resolution,
+        seed=tc.seed,
+        proportion_empty_prompts=config.data.proportion_empty_prompts,
+        conditioning_channels=config.model.conditioning_channels,
+        random_crop=config.data.random_crop,
+        random_flip=config.data.random_flip,
+        on_bad_sample=config.data.on_bad_sample,
+        num_workers=config.data.num_workers,
+        prefetch=config.data.prefetch,
+        process_index=proc,
+        process_count=n_proc,
+        tokenize=lambda prompts: tokenize(sd.tokenizer, prompts, max_len),
+        start_position=data_position,
+    )
+
+    # == Compile the step ahead of time ==
+    rng = jax.random.PRNGKey(tc.seed)
+    step_fn = make_train_step(models, sd.schedule.alphas_cumprod(), tx, tc.grad_accum, tc.ema_decay)
+    batch_sh = shd.batch_sharding(mesh)
+    repl = shd.replicated(mesh)
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(state_sh, frozen_sh, batch_sh, repl),
+        out_shardings=(state_sh, repl),
+        donate_argnums=0,  # the state only: `frozen` is never donated
+    )
+    metrics_path = workdir / "metrics.jsonl"
+    writer = _summary_writer(workdir) if proc == 0 else None
+    last: dict[str, Any] = {}
+    bar = None
+    try:
+        it = iter(loader)
+        compiled = None
+        t_last, step_last = time.perf_counter(), start_step
+        if progress and proc == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=tc.max_steps, initial=start_step, desc="train", unit="step")
+        for step in range(start_step, tc.max_steps):
+            local = next(it)
+            local.pop("index", None)
+            local.pop("captions", None)
+            batch = shd.global_batch(local, mesh)
+            if compiled is None:
+                t0 = time.perf_counter()
+                compiled = jitted.lower(state, frozen, batch, rng).compile()
+                log.info("compiled the train step in %.1fs", time.perf_counter() - t0)
+                t_last = time.perf_counter()
+            state, metrics = compiled(state, frozen, batch, rng)
+            done = step + 1
+            if done % tc.log_every == 0 or done == tc.max_steps or done % tc.checkpoint_every == 0:
+                # Host sync only here: the device runs ahead between logs.
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not all(math.isfinite(v) for v in m.values()):
+                    raise NonFiniteLossError(
+                        f"step {done}: loss={m['loss']} grad_norm={m['grad_norm']}: stopping. "
+                        f"Nothing was saved for this step; the latest checkpoint "
+                        f"({ckpt.latest_step()}) is intact. Lower train.learning_rate or "
+                        "use train.max_grad_norm."
+                    )
+                now = time.perf_counter()
+                m["samples_per_s"] = tc.batch_size * (done - step_last) / max(now - t_last, 1e-9)
+                m["data_wait_s"] = loader.wait_seconds
+                m["skipped_samples"] = loader.skipped
+                t_last, step_last = now, done
+                last = {"step": done, **m}
+                if writer is not None:
+                    for k, v in m.items():
+                        writer.add_scalar(f"train/{k}", v, done)
+                    writer.flush()
+                if proc == 0:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(last) + "\n")
+                if bar is not None:
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", sps=f"{m['samples_per_s']:.1f}")
+            if done % tc.checkpoint_every == 0 or done == tc.max_steps:
+                ckpt.save(done, state, {"data_position": loader.position, "step": done})
+            if tc.validate_every and done % tc.validate_every == 0 and proc == 0:
+                _validate(config, models, state, frozen, sd, dataset, workdir, done)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        loader.close()
+        ckpt.wait()
+        ckpt.close()
+        if writer is not None:
+            writer.close()
+    return last
+
+
+def _write_model_configs(workdir: Path, models: StepModels) -> None:
+    """The architectures being trained, so `cn-jax export` needs no base model."""
+    out = workdir / "model"
+    out.mkdir(exist_ok=True)
+    (out / "unet_config.json").write_text(json.dumps(models.unet.config.to_dict(), indent=2))
+    if models.controlnet is not None:
+        cfg = models.controlnet.config.to_dict()
+        cfg["conditioning_embedding_type"] = models.controlnet.config.conditioning_embedding_type
+        cfg["conditioning_latent_factor"] = models.controlnet.config.conditioning_latent_factor
+        (out / "controlnet_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def _summary_writer(workdir: Path):
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(workdir / "tensorboard"))
+
+
+def _validate(config, models, state, frozen, sd, dataset, workdir, step) -> None:
+    """Write a PNG grid (condition | sample) from the current model."""
+    from cn_jax.train.validation import validation_grid
+
+    validation_grid(config, models, state, frozen, sd, dataset, workdir / f"val_{step:07d}.png")

@@ -1,0 +1,180 @@
+"""The pure training step: `train_step(state, frozen, batch, rng) -> (state, metrics)`.
+
+Data flow (docs/design.md): VAE encode (frozen) -> latents * scaling_factor;
+CLIP text (frozen) -> context; t ~ U[0, T), noise ~ N(0, 1), z_t = add_noise;
+ControlNet (trainable) -> residuals -> UNet (frozen) -> prediction; MSE against
+the eps (or v) target; gradients for `state.params` only -> optax.
+
+`frozen` is a separate argument that is never differentiated: `jax.grad`
+is taken with respect to `state.params` alone, so XLA computes no gradient for
+a locked weight (the backward pass still runs through the locked UNet's
+activations to reach the ControlNet residuals, as it must).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cn_jax.diffusion.noise import add_noise, sample_timesteps, training_target
+from cn_jax.models.clip_text import CLIPTextModel
+from cn_jax.models.controlnet import ControlNet
+from cn_jax.models.unet import UNet
+from cn_jax.models.vae import AutoencoderKL
+from cn_jax.train.state import TrainState, merge
+
+
+@dataclasses.dataclass(frozen=True)
+class StepModels:
+    """The modules of a run (static: hashable linen modules and constants)."""
+
+    unet: UNet
+    controlnet: ControlNet | None  # None: plain UNet fine-tuning
+    vae: AutoencoderKL | None  # None: pixel-space model (latent factor 1)
+    text_encoder: CLIPTextModel
+    prediction_type: str = "epsilon"
+    scaling_factor: float = 0.18215
+
+
+def latent_shape(models: StepModels, batch: dict) -> tuple[int, ...]:
+    """Shape of the batch's latents (cached, pixel-space, or VAE-encoded)."""
+    if "latents" in batch:
+        return batch["latents"].shape
+    b, h, w, c = batch["pixel_values"].shape
+    if models.vae is None:
+        return (b, h, w, c)
+    f = models.vae.config.latent_factor
+    return (b, h // f, w // f, models.vae.config.latent_channels)
+
+
+def draw_randomness(models: StepModels, batch: dict, rng: jax.Array, num_timesteps: int) -> dict:
+    """Per-sample random draws of one step: timesteps, noise, VAE posterior noise.
+
+    Drawn for the whole batch up front so that splitting it into micro-batches
+    (gradient accumulation) changes nothing: sample i gets the same draws.
+    """
+    k_t, k_noise, k_vae = jax.random.split(rng, 3)
+    shape = latent_shape(models, batch)
+    return {
+        "t": sample_timesteps(k_t, shape[0], num_timesteps),
+        "noise": jax.random.normal(k_noise, shape, jnp.float32),
+        "vae_noise": jax.random.normal(k_vae, shape, jnp.float32),
+    }
+
+
+def encode_batch(models: StepModels, params: dict, batch: dict, vae_noise: jax.Array) -> tuple:
+    """Latents and text context of a batch (frozen models; or the cached ones)."""
+    if "latents" in batch:
+        latents = batch["latents"]
+    elif models.vae is None:
+        latents = batch["pixel_values"]
+    else:
+        mean, logvar = models.vae.apply(
+            {"params": params["vae"]}, batch["pixel_values"], method="encode"
+        )
+        std = jnp.exp(0.5 * logvar.astype(jnp.float32))
+        latents = (mean.astype(jnp.float32) + std * vae_noise) * models.scaling_factor
+    if "encoder_hidden_states" in batch:
+        context = batch["encoder_hidden_states"]
+    else:
+        context = models.text_encoder.apply({"params": params["text_encoder"]}, batch["input_ids"])[
+            0
+        ]
+    return jax.lax.stop_gradient(latents), jax.lax.stop_gradient(context)
+
+
+def loss_fn(
+    trainable: Any,
+    frozen: Any,
+    batch: dict,
+    draws: dict,
+    models: StepModels,
+    alphas_cumprod: jax.Array,
+) -> tuple[jax.Array, dict]:
+    """Mean squared error of the model's prediction against the diffusion target."""
+    params = merge(trainable, frozen)
+    latents, context = encode_batch(models, params, batch, draws["vae_noise"])
+    latents = latents.astype(jnp.float32)
+    t, noise = draws["t"], draws["noise"]
+    noisy = add_noise(alphas_cumprod, latents, noise, t)
+    down = mid = None
+    if models.controlnet is not None:
+        down, mid = models.controlnet.apply(
+            {"params": params["controlnet"]},
+            noisy,
+            t,
+            context,
+            batch["conditioning_pixel_values"],
+        )
+    pred = models.unet.apply(
+        {"params": params["unet"]},
+        noisy,
+        t,
+        context,
+        down_block_additional_residuals=down,
+        mid_block_additional_residual=mid,
+    )
+    target = training_target(models.prediction_type, latents, noise, alphas_cumprod, t)
+    loss = jnp.mean((pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2)
+    return loss, {"loss": loss}
+
+
+def make_train_step(
+    models: StepModels,
+    alphas_cumprod: np.ndarray,
+    tx: optax.GradientTransformation,
+    grad_accum: int = 1,
+    ema_decay: float | None = None,
+) -> Callable:
+    """Build `train_step(state, frozen, batch, rng) -> (state, metrics)`.
+
+    `rng` is the run's base key; the step folds in `state.step`, so the noise
+    of step n is the same however the run was interrupted and resumed.
+    With `grad_accum=k` the batch is split into k equal micro-batches whose
+    gradients are averaged: the update equals one step on the whole batch.
+    """
+    ac = jnp.asarray(alphas_cumprod, jnp.float32)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, frozen: Any, batch: dict, rng: jax.Array):
+        step_rng = jax.random.fold_in(rng, state.step)
+        draws = draw_randomness(models, batch, step_rng, ac.shape[0])
+        if grad_accum == 1:
+            (loss, _), grads = grad_fn(state.params, frozen, batch, draws, models, ac)
+        else:
+
+            def split(x):
+                return x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
+
+            micro = jax.tree_util.tree_map(split, (batch, draws))
+
+            def body(acc, xs):
+                (l_mb, _), g = grad_fn(state.params, frozen, *xs, models, ac)
+                return jax.tree_util.tree_map(jnp.add, acc, (l_mb, g)), None
+
+            zeros = jax.tree_util.tree_map(
+                jnp.zeros_like, (jnp.zeros((), jnp.float32), state.params)
+            )
+            (loss, grads), _ = jax.lax.scan(body, zeros, micro)
+            # Equal micro-batches: the mean of their means is the batch mean.
+            loss, grads = jax.tree_util.tree_map(lambda x: x / grad_accum, (loss, grads))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema_decay is not None:
+            ema = jax.tree_util.tree_map(
+                lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params
+            )
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema
+        )
+        return new_state, metrics
+
+    return train_step

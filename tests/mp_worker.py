@@ -1,0 +1,28 @@
+"""One process of the multi-process training test (run by test_train_loop.py).
+
+Environment: CN_JAX_COORDINATOR / CN_JAX_NUM_PROCESSES / CN_JAX_PROCESS_ID for a
+multi-process run (unset: a single process), XLA_FLAGS for the device count.
+argv: workdir, then config overrides; process 0 writes the last loss to
+$CN_JAX_TEST_OUT (npz). The test reads the params from the run's checkpoint."""
+
+import os
+import sys
+
+import jax
+import numpy as np
+
+from cn_jax.config import load_config
+from cn_jax.train.loop import train
+from cn_jax.train.sharding import maybe_initialize_distributed
+
+
+def main() -> None:
+    maybe_initialize_distributed()
+    config = load_config(None, sys.argv[2:])
+    last = train(config, sys.argv[1], progress=False)
+    if jax.process_index() == 0:
+        np.savez(os.environ["CN_JAX_TEST_OUT"], loss=last["loss"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,593 @@
+"""Tests for cn_jax.data: synthetic fill50k, dataset sources, transforms and the Loader."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+from cn_jax.data import (
+    PALETTE,
+    BadSampleError,
+    DatasetError,
+    Loader,
+    decode_image,
+    fill50k_truth,
+    make_fill50k,
+    open_dataset,
+    preprocess_pair,
+    read_fill50k_meta,
+    sample_choices,
+)
+
+N_FILL = 24  # samples in the shared fill50k fixture
+FILL_SIZE = 24
+
+
+@pytest.fixture(scope="module")
+def fill_dir(tmp_path_factory) -> Path:
+    return make_fill50k(tmp_path_factory.mktemp("fill") / "fill50k", N_FILL, size=FILL_SIZE)
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _memory_dataset(n: int, size: int = 4, captions=None) -> list[dict]:
+    """Records held in memory as uint8 arrays; row i's pixels encode i (for checks)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        caption = f"caption {i}" if captions is None else captions
+        out.append({"image": img, "conditioning_image": img.copy(), "caption": caption})
+    return out
+
+
+def _take(loader: Loader, k: int) -> list[dict]:
+    return [next(loader) for _ in range(k)]
+
+
+def _assert_batches_equal(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            if isinstance(x[key], np.ndarray):
+                assert x[key].dtype == y[key].dtype
+                np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+            else:
+                assert x[key] == y[key], key
+
+
+# --------------------------------------------------------------------------- fill50k
+
+
+def test_fill50k_is_deterministic(tmp_path, fill_dir):
+    again = make_fill50k(tmp_path / "again", N_FILL, size=FILL_SIZE)
+    other = make_fill50k(tmp_path / "other", N_FILL, size=FILL_SIZE, seed=1)
+    files = sorted(p.relative_to(fill_dir) for p in fill_dir.rglob("*") if p.is_file())
+    assert len(files) == 2 * N_FILL + 2  # images, prompt.json, fill50k_meta.json
+    for f in files:
+        assert (fill_dir / f).read_bytes() == (again / f).read_bytes(), f
+    assert (fill_dir / "prompt.json").read_bytes() != (other / "prompt.json").read_bytes()
+    # A smaller dataset with the same seed is a prefix of the larger one.
+    prefix = make_fill50k(tmp_path / "prefix", 3, size=FILL_SIZE)
+    assert (prefix / "target/2.png").read_bytes() == (fill_dir / "target/2.png").read_bytes()
+
+
+def _outline_fit(source: np.ndarray) -> tuple[np.ndarray, float]:
+    """Least-squares circle through the outline's pixel centres (x^2 + y^2 + Dx + Ey + F = 0)."""
+    ys, xs = np.nonzero(source[..., 0] == 255)
+    x, y = xs + 0.5, ys + 0.5
+    (d, e, f), *_ = np.linalg.lstsq(np.stack([x, y, np.ones_like(x)], 1), -(x**2 + y**2))
+    center = np.array([-d / 2, -e / 2])
+    return center, float(np.sqrt(center @ center - f))
+
+
+def _disk_fit(mask: np.ndarray) -> tuple[np.ndarray, float]:
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.mean(), ys.mean()]) + 0.5, float(np.sqrt(mask.sum() / np.pi))
+
+
+def test_fill50k_geometry_and_colours(tmp_path):
+    size, num = 64, 16
+    folder = make_fill50k(tmp_path / "f", num, size=size, seed=3)
+    assert read_fill50k_meta(folder)["seed"] == 3
+    rows = [json.loads(line) for line in (folder / "prompt.json").read_text().splitlines()]
+    assert len(rows) == num
+    for i, row in enumerate(rows):
+        assert row["source"] == f"source/{i}.png" and row["target"] == f"target/{i}.png"
+        truth = fill50k_truth(i, size=size, seed=3)
+        source = np.asarray(Image.open(folder / row["source"]))
+        target = np.asarray(Image.open(folder / row["target"]))
+        assert source.shape == target.shape == (size, size, 3)
+
+        # The condition is a white outline on black, entirely inside the image.
+        assert set(np.unique(source)) <= {0, 255}
+        assert (source[..., 0] == source[..., 1]).all() and (source[..., 0] == source[..., 2]).all()
+        border = np.concatenate([source[0], source[-1], source[:, 0], source[:, -1]])
+        assert not border.any()
+
+        # The prompt names the colours of the pixels: fill inside, background elsewhere.
+        fill_name, rest = row["prompt"].split(" circle with ")
+        bg_name = rest.removesuffix(" background")
+        assert (fill_name, bg_name) == (truth.fill, truth.background) and fill_name != bg_name
+        is_fill = (target == PALETTE[fill_name]).all(-1)
+        is_bg = (target == PALETTE[bg_name]).all(-1)
+        assert (is_fill | is_bg).all()
+        assert not is_fill[0].any() and not is_fill[-1].any()
+
+        # The filled disk sits exactly where the outline is.
+        c_outline, r_outline = _outline_fit(source)
+        c_disk, r_disk = _disk_fit(is_fill)
+        np.testing.assert_allclose(c_outline, c_disk, atol=0.5)
+        assert abs(r_outline - r_disk) < 0.5
+        np.testing.assert_allclose(c_disk, truth.center, atol=0.5)
+        assert abs(r_disk - truth.radius) < 0.5
+        assert 0.1 * size <= truth.radius <= 0.4 * size
+        # Pixels near the outline line are filled just inside and background just outside.
+        cx, cy = truth.center
+        inside = (int(cx + 0.5 * truth.radius), int(cy))
+        assert is_fill[inside[1], inside[0]]
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _decoded(ds) -> list[tuple[np.ndarray, np.ndarray, object]]:
+    return [
+        (
+            np.asarray(decode_image(r["image"], "RGB")),
+            np.asarray(decode_image(r["conditioning_image"], "RGB")),
+            r["caption"],
+        )
+        for r in ds
+    ]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_every_format_gives_the_same_records(tmp_path, fill_dir):
+    reference = open_dataset(fill_dir)
+    assert reference.column_names == ["image", "conditioning_image", "caption"]
+    assert len(reference) == N_FILL
+    assert reference[5]["image"] == str((fill_dir / "target/5.png").resolve())
+    prompts = [
+        json.loads(x)["prompt"] for x in (fill_dir / "prompt.json").read_text().split("\n") if x
+    ]
+    targets = [(fill_dir / f"target/{i}.png").read_bytes() for i in range(N_FILL)]
+    sources = [(fill_dir / f"source/{i}.png").read_bytes() for i in range(N_FILL)]
+
+    # imagefolder + metadata.jsonl with the default column names, files in subfolders.
+    folder = tmp_path / "imagefolder"
+    (folder / "a").mkdir(parents=True)
+    (folder / "b").mkdir()
+    for i in range(N_FILL):
+        (folder / f"a/t{i}.png").write_bytes(targets[i])
+        (folder / f"b/s{i}.png").write_bytes(sources[i])
+    _write_jsonl(
+        folder / "metadata.jsonl",
+        [
+            {"image": f"a/t{i}.png", "conditioning_image": f"b/s{i}.png", "text": prompts[i]}
+            for i in range(N_FILL)
+        ],
+    )
+
+    # save_to_disk with embedded datasets.Image bytes.
+    feats = datasets.Features(
+        image=datasets.Image(), conditioning_image=datasets.Image(), text=datasets.Value("string")
+    )
+    embedded = datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": b, "path": None} for b in targets],
+            "conditioning_image": [{"bytes": b, "path": None} for b in sources],
+            "text": prompts,
+        },
+        features=feats,
+    )
+    embedded.save_to_disk(str(tmp_path / "disk_bytes"))
+
+    # save_to_disk with relative path strings and custom column names.
+    paths = datasets.Dataset.from_dict(
+        {
+            "tgt": [f"a/t{i}.png" for i in range(N_FILL)],
+            "src": [f"b/s{i}.png" for i in range(N_FILL)],
+            "prompt": prompts,
+        }
+    )
+    paths.save_to_disk(str(tmp_path / "disk_paths"))
+    shutil.copytree(folder / "a", tmp_path / "disk_paths/a")
+    shutil.copytree(folder / "b", tmp_path / "disk_paths/b")
+
+    # parquet with the embedded images, split over two files in a folder.
+    (tmp_path / "pq").mkdir()
+    embedded.select(range(10)).to_parquet(str(tmp_path / "pq/part0.parquet"))
+    embedded.select(range(10, N_FILL)).to_parquet(str(tmp_path / "pq/part1.parquet"))
+
+    opened = {
+        "imagefolder": open_dataset(folder),
+        "disk_bytes": open_dataset(tmp_path / "disk_bytes"),
+        "disk_paths": open_dataset(
+            tmp_path / "disk_paths",
+            image_column="tgt",
+            conditioning_image_column="src",
+            caption_column="prompt",
+        ),
+        "parquet": open_dataset(tmp_path / "pq", cache_dir=tmp_path / "cache"),
+    }
+    expected = _decoded(reference)
+    for name, ds in opened.items():
+        assert ds.column_names == ["image", "conditioning_image", "caption"], name
+        got = _decoded(ds)
+        assert len(got) == len(expected), name
+        for i, (a, b) in enumerate(zip(got, expected)):
+            np.testing.assert_array_equal(a[0], b[0], err_msg=f"{name} row {i} image")
+            np.testing.assert_array_equal(a[1], b[1], err_msg=f"{name} row {i} condition")
+            assert a[2] == b[2], f"{name} row {i} caption"
+    assert opened["disk_paths"][0]["image"] == str((tmp_path / "disk_paths/a/t0.png").resolve())
+
+    # The same data gives the same batches through the loader, whatever the format.
+    def first_batch(ds):
+        with Loader(ds, 4, 16, seed=1, random_crop=True, random_flip=True) as loader:
+            return [next(loader)]
+
+    _assert_batches_equal(first_batch(reference), first_batch(opened["parquet"]))
+
+
+def test_imagefolder_file_name_fallback_and_caption_lists(tmp_path, fill_dir):
+    folder = tmp_path / "d"
+    shutil.copytree(fill_dir / "target", folder / "target")
+    shutil.copytree(fill_dir / "source", folder / "source")
+    _write_jsonl(
+        folder / "metadata.jsonl",
+        [
+            {
+                "file_name": "target/0.png",
+                "conditioning_image_file_name": "source/0.png",
+                "text": ["a", "b"],
+            },
+            {
+                "file_name": "target/1.png",
+                "conditioning_image_file_name": "source/1.png",
+                "text": "c",
+            },
+        ],
+    )
+    ds = open_dataset(folder)
+    assert [r["caption"] for r in ds] == [["a", "b"], ["c"]]
+    assert ds[1]["conditioning_image"].endswith("source/1.png")
+
+
+UNSAFE = {
+    "absolute": lambda root: str(root.parent / "outside.png"),
+    "absolute_inside": lambda root: str(root / "source/0.png"),
+    "dotdot": lambda root: "../outside.png",
+    "nested_dotdot": lambda root: "target/../../outside.png",
+    "symlink": lambda root: "target/link.png",
+    "symlinked_dir": lambda root: "linkdir/outside.png",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNSAFE))
+@pytest.mark.parametrize("fmt", ["fill50k", "imagefolder", "disk"])
+def test_paths_outside_the_dataset_are_refused(tmp_path, fill_dir, kind, fmt):
+    root = tmp_path / "ds"
+    shutil.copytree(fill_dir / "target", root / "target")
+    shutil.copytree(fill_dir / "source", root / "source")
+    (tmp_path / "outside.png").write_bytes((fill_dir / "target/0.png").read_bytes())
+    os.symlink(tmp_path / "outside.png", root / "target/link.png")
+    os.symlink(tmp_path, root / "linkdir")
+    bad = UNSAFE[kind](root)
+    rows = [
+        {"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": "p"} for i in range(4)
+    ]
+    rows[2]["source"] = bad
+    if fmt == "fill50k":
+        _write_jsonl(root / "prompt.json", rows)
+        where = "prompt.json: row 2"
+    elif fmt == "imagefolder":
+        _write_jsonl(
+            root / "metadata.jsonl",
+            [
+                {"image": r["target"], "conditioning_image": r["source"], "text": r["prompt"]}
+                for r in rows
+            ],
+        )
+        where = "metadata.jsonl: row 2"
+    else:
+        cols = {k: [r[k] for r in rows] for k in rows[0]}
+        datasets.Dataset.from_dict(cols).save_to_disk(str(root / "saved"))
+        for sub in ("target", "source"):  # the images beside the saved table
+            shutil.copytree(root / sub, root / "saved" / sub, symlinks=True)
+        os.symlink(tmp_path, root / "saved/linkdir")
+        root = root / "saved"
+        where = "row 2"
+    kwargs = {}
+    if fmt == "disk":
+        kwargs = dict(
+            image_column="target", conditioning_image_column="source", caption_column="prompt"
+        )
+    with pytest.raises(DatasetError) as info:
+        open_dataset(root, **kwargs)
+    message = str(info.value)
+    assert where in message and repr(bad) in message
+    assert ("absolute" in message) == kind.startswith("absolute")
+
+
+def test_safe_relative_paths_and_inside_symlinks_are_accepted(tmp_path, fill_dir):
+    root = tmp_path / "ds"
+    shutil.copytree(fill_dir / "target", root / "target")
+    shutil.copytree(fill_dir / "source", root / "source")
+    os.symlink(root / "source/1.png", root / "source/alias.png")  # stays inside
+    _write_jsonl(
+        root / "prompt.json",
+        [
+            {"source": "source/alias.png", "target": "source/../target/1.png", "prompt": "p"},
+        ],
+    )
+    ds = open_dataset(root)
+    assert ds[0]["image"] == str((root / "target/1.png").resolve())
+
+
+def test_malformed_datasets_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        open_dataset(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="cannot tell the dataset format"):
+        open_dataset(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "prompt.json").write_text(
+        '{"source": "s.png", "target": "t.png", "prompt": "x"}\n{oops\n'
+    )
+    with pytest.raises(DatasetError, match=r"line 2 \(row 1\) is not JSON"):
+        open_dataset(bad)
+    (bad / "prompt.json").write_text('{"source": "s.png", "prompt": "x"}\n')
+    with pytest.raises(DatasetError, match=r"row 0 .*'target'"):
+        open_dataset(bad)
+    datasets.Dataset.from_dict({"image": ["a.png"], "text": ["x"]}).save_to_disk(
+        str(tmp_path / "saved")
+    )
+    with pytest.raises(DatasetError, match="conditioning_image"):
+        open_dataset(tmp_path / "saved")
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def _gradient(w: int, h: int) -> np.ndarray:
+    """An image whose every pixel is distinct: R = x, G = y, B = x + y (mod 256)."""
+    x, y = np.meshgrid(np.arange(w), np.arange(h))
+    return np.stack([x * 5 % 256, y * 7 % 256, (x + 2 * y) % 256], -1).astype(np.uint8)
+
+
+def test_preprocess_ranges_shapes_and_channels():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)  # H=24, W=40
+    img[0, 0] = 0
+    img[0, 1] = 255
+    pixels, cond = preprocess_pair(img, img, 24, crop=(0.0, 0.0))
+    assert pixels.shape == (24, 24, 3) and cond.shape == (24, 24, 3)
+    assert pixels.dtype == cond.dtype == np.float32
+    assert pixels.min() == -1.0 and pixels.max() == 1.0
+    assert cond.min() == 0.0 and cond.max() == 1.0
+    _, gray = preprocess_pair(img, img, 16, conditioning_channels=1)
+    assert gray.shape == (16, 16, 1) and gray.dtype == np.float32
+    expected = np.asarray(Image.fromarray(img).convert("L").resize((27, 16), Image.BICUBIC))
+    np.testing.assert_allclose(gray[..., 0], expected[:, 6:22] / 255.0, atol=1e-6)
+    # Smaller images are upscaled.
+    small, _ = preprocess_pair(img[:8, :8], img[:8, :8], 16)
+    assert small.shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize("crop", [(0.0, 0.0), (1.0, 1.0), (0.3, 0.8)])
+@pytest.mark.parametrize("flip", [False, True])
+def test_crop_and_flip_are_the_same_for_image_and_condition(crop, flip):
+    img = _gradient(40, 24)
+    pixels, cond = preprocess_pair(img, img, 24, crop=crop, flip=flip)
+    np.testing.assert_allclose(cond * 2 - 1, pixels, atol=1e-6)
+    # The crop box: no resize (shorter side == resolution), slack 16 on x, 0 on y.
+    left = int(np.floor(crop[0] * 16 + 0.5))
+    expected = img[:, left : left + 24]
+    if flip:
+        expected = expected[:, ::-1]
+    np.testing.assert_allclose(pixels, expected / 127.5 - 1, atol=1e-6)
+
+
+def test_condition_of_another_size_is_resized_to_the_image():
+    img = _gradient(48, 32)
+    # Same aspect ratio at twice the size, and a square (stretched) one.
+    for size in [(96, 64), (60, 60)]:
+        other = np.asarray(Image.fromarray(img).resize(size, Image.BICUBIC))
+        pixels, cond = preprocess_pair(img, other, 32, crop=(1.0, 0.0), flip=True)
+        np.testing.assert_allclose(cond * 2 - 1, pixels, atol=0.1, err_msg=str(size))
+
+
+def test_bad_images_raise_bad_sample_error_naming_the_file(tmp_path):
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"definitely not a png")
+    truncated = tmp_path / "truncated.png"
+    noisy = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    truncated.write_bytes(_png(noisy)[:2000])
+    for path in (garbage, truncated, tmp_path / "missing.png"):
+        with pytest.raises(BadSampleError, match=str(path)):
+            preprocess_pair(_gradient(8, 8), str(path), 8, row=7)
+    with pytest.raises(BadSampleError, match="row 5, image"):
+        preprocess_pair(b"junk", _gradient(8, 8), 8, row=5)
+    with pytest.raises(BadSampleError, match="row 5, image"):
+        decode_image({"bytes": b"junk", "path": "x.png"}, "RGB", row=5, column="image")
+
+
+# --------------------------------------------------------------------------- loader
+
+
+def test_order_is_deterministic_and_independent_of_threads(fill_dir):
+    ds = open_dataset(fill_dir)
+    steps = N_FILL // 4
+    runs = []
+    for workers, prefetch in [(0, 1), (1, 1), (3, 3)]:
+        with Loader(
+            ds,
+            4,
+            16,
+            seed=5,
+            num_workers=workers,
+            prefetch=prefetch,
+            random_crop=True,
+            random_flip=True,
+        ) as loader:
+            assert loader.steps_per_epoch == steps
+            runs.append(_take(loader, steps + 2))
+    _assert_batches_equal(runs[0], runs[1])
+    _assert_batches_equal(runs[0], runs[2])
+    epoch0 = np.concatenate([b["index"] for b in runs[0][:steps]])
+    assert sorted(epoch0) == list(range(N_FILL))  # each example exactly once per epoch
+    epoch1 = np.concatenate([b["index"] for b in runs[0][steps:]])
+    assert not np.array_equal(epoch0[:8], epoch1)  # a new permutation each epoch
+    with Loader(ds, 4, 16, seed=6, num_workers=0) as loader:
+        assert not np.array_equal(next(loader)["index"], runs[0][0]["index"])
+
+
+@pytest.mark.parametrize("first", [2, 5])
+def test_resume_is_exact(fill_dir, first):
+    ds = open_dataset(fill_dir)
+    kwargs = dict(random_crop=True, random_flip=True, num_workers=2)
+    with Loader(ds, 4, 16, seed=2, **kwargs) as loader:
+        straight = _take(loader, first + 2)
+    with Loader(ds, 4, 16, seed=2, **kwargs) as loader:
+        head = _take(loader, first)
+        position = json.loads(json.dumps(loader.position))
+    assert position["epoch"] == 0 and position["batch"] == first
+    with Loader(ds, 4, 16, seed=2, start_position=position, **kwargs) as loader:
+        tail = _take(loader, 2)
+        assert loader.position["epoch"] == (first + 2) // (N_FILL // 4)
+    _assert_batches_equal(straight, head + tail)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        Loader(ds, 8, 16, seed=2, start_position=position)
+
+
+def test_process_shards_concatenate_to_the_global_batch(fill_dir):
+    ds = open_dataset(fill_dir)
+    kwargs = dict(random_crop=True, random_flip=True, num_workers=1)
+    with Loader(ds, 4, 8, seed=3, **kwargs) as whole:
+        full = _take(whole, 3)
+    halves = []
+    for p in range(2):
+        with Loader(ds, 4, 8, seed=3, process_index=p, process_count=2, **kwargs) as loader:
+            halves.append(_take(loader, 3))
+    for b, h0, h1 in zip(full, *halves):
+        assert h0["pixel_values"].shape == (2, 8, 8, 3)
+        for key in ("pixel_values", "conditioning_pixel_values", "index"):
+            np.testing.assert_array_equal(np.concatenate([h0[key], h1[key]]), b[key])
+        assert h0["captions"] + h1["captions"] == b["captions"]
+    with pytest.raises(ValueError, match="divisible"):
+        Loader(ds, 5, 8, seed=3, process_count=2)
+
+
+def test_prompt_dropout_rate_and_determinism():
+    n = 2000
+    ds = _memory_dataset(n)
+    with Loader(ds, n, 4, seed=0, num_workers=0) as loader:
+        batch = next(loader)
+    captions = batch["captions"]
+    dropped = np.array([c == "" for c in captions])
+    assert abs(dropped.mean() - 0.5) < 0.05
+    kept = [(i, c) for i, c in zip(batch["index"], captions) if c]
+    assert all(c == f"caption {i}" for i, c in kept)
+    # The same rows are dropped in a fresh loader, whatever the batch size; not in another epoch.
+    with Loader(ds, 500, 4, seed=0, num_workers=2) as loader:
+        again = [c for b in _take(loader, 4) for c in b["captions"]]
+    assert again == captions
+    dropped_by_index = {int(i): c == "" for i, c in zip(batch["index"], captions)}
+    assert dropped_by_index == {
+        i: sample_choices(0, 0, i, 0.5, False, False).drop_prompt for i in range(n)
+    }
+    epoch1 = {i: sample_choices(0, 1, i, 0.5, False, False).drop_prompt for i in range(n)}
+    assert epoch1 != dropped_by_index
+    for p, expected in [(0.0, 0), (1.0, 40)]:
+        with Loader(ds[:40], 40, 4, seed=0, num_workers=0, proportion_empty_prompts=p) as ld:
+            assert sum(c == "" for c in next(ld)["captions"]) == expected
+
+
+def test_caption_lists_pick_among_them():
+    ds = _memory_dataset(60, captions=["a", "b", "c"])
+    runs = []
+    for _ in range(2):
+        with Loader(ds, 60, 4, seed=1, proportion_empty_prompts=0.0, num_workers=2) as ld:
+            runs.append(next(ld)["captions"])
+    assert runs[0] == runs[1]
+    counts = {c: runs[0].count(c) for c in "abc"}
+    assert sum(counts.values()) == 60 and min(counts.values()) >= 8, counts
+
+
+def test_corrupt_image_raises_naming_the_file_or_is_skipped(tmp_path, fill_dir):
+    root = tmp_path / "corrupt"
+    shutil.copytree(fill_dir, root)
+    (root / "target/3.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    ds = open_dataset(root)
+    steps = N_FILL // 4
+    with Loader(ds, 4, 8, seed=0, num_workers=2) as loader:
+        with pytest.raises(BadSampleError, match=r"target/3\.png"):
+            _take(loader, steps)
+        with pytest.raises(RuntimeError, match="failed earlier"):
+            next(loader)
+    with Loader(ds, 4, 8, seed=0, num_workers=2, on_bad_sample="skip") as loader:
+        batches = _take(loader, steps)
+        assert loader.skipped == 1 and loader.position["skipped"] == 1
+    seen = np.concatenate([b["index"] for b in batches])
+    assert len(seen) == N_FILL and 3 not in seen
+    assert sorted(set(seen.tolist())) == [i for i in range(N_FILL) if i != 3]
+    # Bad bytes held in memory are named by their row.
+    mem = _memory_dataset(4)
+    mem[2]["conditioning_image"] = b"junk"
+    with Loader(mem, 4, 4, seed=0, num_workers=1) as loader:
+        with pytest.raises(BadSampleError, match="row 2, conditioning_image"):
+            next(loader)
+
+
+def test_outputs_tokenize_channels_wait_and_close(fill_dir):
+    ds = open_dataset(fill_dir)
+
+    def tokenize(captions):
+        return np.array([[len(c), 1, 2] for c in captions], dtype=np.int64)
+
+    loader = Loader(ds, 4, 8, seed=0, conditioning_channels=1, tokenize=tokenize)
+    batch = next(loader)
+    assert batch["conditioning_pixel_values"].shape == (4, 8, 8, 1)
+    assert batch["pixel_values"].shape == (4, 8, 8, 3)
+    assert batch["input_ids"].dtype == np.int32 and batch["input_ids"].shape == (4, 3)
+    assert "captions" not in batch and batch["index"].dtype == np.int64
+    assert loader.wait_seconds > 0
+    producer = loader._producer
+    loader.close()
+    assert not producer.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        next(loader)
+
+
+def test_small_dataset_last_batch_and_epochs():
+    ds = _memory_dataset(10)
+    with pytest.raises(ValueError, match="10 examples, fewer than global_batch_size 16"):
+        Loader(ds, 16, 4, seed=0)
+    with Loader(ds, 4, 4, seed=0, drop_last=False, num_epochs=2, num_workers=1) as loader:
+        batches = list(loader)
+    assert len(batches) == 6
+    assert batches[2]["mask"].tolist() == [True, True, False, False]
+    assert all(b["mask"].all() for b in batches[:2])
+    epoch0 = np.concatenate([b["index"][b["mask"]] for b in batches[:3]])
+    assert sorted(epoch0) == list(range(10))
+    with Loader(ds, 4, 4, seed=0, num_epochs=1, num_workers=0) as loader:
+        plain = list(loader)
+    assert len(plain) == 2 and "mask" not in plain[0]

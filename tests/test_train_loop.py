@@ -1,0 +1,188 @@
+"""`cn-jax train` end to end on the tiny config: outputs, resume exactness, NaN
+stop, export to diffusers, bad config, and 2 processes x 2 devices == 1 x 4."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+from diffusers import ControlNetModel
+
+from cn_jax.cli import main
+from cn_jax.config import ConfigError, load_config
+from cn_jax.data.fill50k import make_fill50k
+from cn_jax.train.checkpoint import Checkpointer
+from cn_jax.train.loop import NonFiniteLossError, train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_fill50k(tmp_path_factory.mktemp("fill50k"), num=48, size=32, seed=0)
+
+
+def _overrides(data, **kw):
+    base = {
+        "data.path": str(data),
+        "train.batch_size": 8,
+        "train.max_steps": 4,
+        "train.checkpoint_every": 2,
+        "train.log_every": 1,
+        "data.num_workers": 1,
+    }
+    base.update(kw)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _params(workdir, step=None):
+    from cn_jax.train.export import export_run
+
+    out = Path(workdir) / f"export_{step}"
+    export_run(workdir, out, step=step)
+    from cn_jax.weights.safetensors_io import read_safetensors
+
+    return read_safetensors(out / "diffusion_pytorch_model.safetensors")
+
+
+def test_run_outputs_and_resume_is_bit_exact(data, tmp_path):
+    straight = tmp_path / "straight"
+    last = train(load_config(TINY, _overrides(data)), straight, progress=False)
+    assert last["step"] == 4 and np.isfinite(last["loss"])
+    assert (straight / "config.yaml").is_file()
+    assert load_config(straight / "config.yaml").train.max_steps == 4  # resolved config
+    lines = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert {"loss", "grad_norm", "samples_per_s", "data_wait_s"} <= set(lines[0])
+    assert any((straight / "tensorboard").iterdir())
+    ckpt = Checkpointer(straight / "checkpoints")
+    assert ckpt.all_steps() == [2, 4]
+    ckpt.close()
+
+    # Interrupted after 2 steps, then resumed to 4 in the same workdir.
+    resumed = tmp_path / "resumed"
+    train(load_config(TINY, _overrides(data, **{"train.max_steps": 2})), resumed, progress=False)
+    train(load_config(TINY, _overrides(data)), resumed, progress=False)
+    a, b = _params(straight), _params(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert any(np.any(a[k]) for k in a if k.startswith("controlnet_down_blocks"))
+
+
+def test_nan_loss_stops_and_keeps_checkpoints(data, tmp_path):
+    cfg = load_config(
+        TINY,
+        _overrides(data, **{
+            "train.learning_rate": 1e30, "train.max_grad_norm": "null",
+            "train.checkpoint_every": 1, "train.max_steps": 6,
+        }),
+    )  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match="is intact"):
+        train(cfg, tmp_path / "run", progress=False)
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints")
+    steps = ckpt.all_steps()
+    ckpt.close()
+    assert steps and steps[-1] < 6
+    _params(tmp_path / "run", steps[-1])  # the last saved checkpoint still loads
+
+
+def test_export_cli_loads_in_diffusers(data, tmp_path):
+    run = tmp_path / "run"
+    cli = ["train", "--config", str(TINY), "--workdir", str(run), *_overrides(data)]
+    assert main(cli) == 0
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "cn")]) == 0
+    model = ControlNetModel.from_pretrained(tmp_path / "cn")
+    state = model.state_dict()
+    ours = _params(run)
+    for k, v in ours.items():
+        assert torch.equal(state[k], torch.from_numpy(v)), k
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "o.safetensors"),
+                 "--format", "original"]) == 0  # fmt: skip
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  learnig_rate: 1e-4\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*train.learnig_rate: unknown key"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config(None, ["train.batch_size=lots"])
+    with pytest.raises(ConfigError, match="train.batch_size=6 must be a multiple"):
+        load_config(None, ["train.batch_size=6", "train.grad_accum=4"])
+    assert main(["train", "--config", str(bad), "--workdir", str(tmp_path / "w")]) == 2
+
+
+def test_bad_sample_stops_with_the_file_named(data, tmp_path):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    (copy / "target" / "3.png").write_bytes(b"not a png")
+    cfg = load_config(TINY, _overrides(copy, **{"train.max_steps": 6}))
+    with pytest.raises(Exception, match="3.png"):
+        train(cfg, tmp_path / "run", progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process(data, tmp_path):
+    """2 processes x 2 CPU devices (gloo) == 1 process x 4 devices, after 2 steps."""
+    worker = str(ROOT / "tests" / "mp_worker.py")
+    overrides = _overrides(data, **{"train.max_steps": 2})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        e = {
+            **env,
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "CN_JAX_COORDINATOR": f"127.0.0.1:{port}",
+            "CN_JAX_NUM_PROCESSES": "2",
+            "CN_JAX_PROCESS_ID": str(pid),
+            "CN_JAX_TEST_OUT": str(tmp_path / "multi.npz"),
+        }
+        cmd = [sys.executable, worker, str(tmp_path / "multi"), *overrides]
+        procs.append(subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    single_env = {
+        **env,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "CN_JAX_TEST_OUT": str(tmp_path / "single.npz"),
+    }
+    single = subprocess.run(
+        [sys.executable, worker, str(tmp_path / "single"), *overrides],
+        env=single_env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    outs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    assert single.returncode == 0, single.stdout + single.stderr
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out
+    a, b = np.load(tmp_path / "single.npz"), np.load(tmp_path / "multi.npz")
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    pa, pb = _params(tmp_path / "single"), _params(tmp_path / "multi")
+    for k in pa:
+        np.testing.assert_allclose(pa[k], pb[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    assert jax.process_count() == 1
+
+
+def test_validation_grid_written(data, tmp_path):
+    over = _overrides(data, **{
+        "train.max_steps": 2, "train.validate_every": 2, "train.validation_steps": 2,
+        "train.validation_samples": 3,
+    })  # fmt: skip
+    train(load_config(TINY, over), tmp_path, progress=False)
+    from PIL import Image
+
+    img = Image.open(tmp_path / "val_0000002.png")
+    assert img.size == (2 * 32 + 2, 3 * 32 + 4)  # condition | sample, 3 rows
