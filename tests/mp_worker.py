@@ -18,7 +18,8 @@ from cn_jax.train.sharding import maybe_initialize_distributed
 
 def main() -> None:
     maybe_initialize_distributed()
-    config = load_config(None, sys.argv[2:])
+    tiny = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml")
+    config = load_config(tiny, sys.argv[2:])
     last = train(config, sys.argv[1], progress=False)
     if jax.process_index() == 0:
         np.savez(os.environ["CN_JAX_TEST_OUT"], loss=last["loss"])

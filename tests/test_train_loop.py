@@ -54,7 +54,8 @@ def _params(workdir, step=None):
 
 def test_run_outputs_and_resume_is_bit_exact(data, tmp_path):
     straight = tmp_path / "straight"
-    last = train(load_config(TINY, _overrides(data)), straight, progress=False)
+    val = {"train.validate_every": 4, "train.validation_steps": 2, "train.validation_samples": 3}
+    last = train(load_config(TINY, _overrides(data, **val)), straight, progress=False)
     assert last["step"] == 4 and np.isfinite(last["loss"])
     assert (straight / "config.yaml").is_file()
     assert load_config(straight / "config.yaml").train.max_steps == 4  # resolved config
@@ -62,6 +63,10 @@ def test_run_outputs_and_resume_is_bit_exact(data, tmp_path):
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
     assert {"loss", "grad_norm", "samples_per_s", "data_wait_s"} <= set(lines[0])
     assert any((straight / "tensorboard").iterdir())
+    from PIL import Image
+
+    grid = Image.open(straight / "val_0000004.png")  # condition | sample, 3 rows
+    assert grid.size == (2 * 32 + 2, 3 * 32 + 4)
     ckpt = Checkpointer(straight / "checkpoints")
     assert ckpt.all_steps() == [2, 4]
     ckpt.close()
@@ -111,7 +116,7 @@ def test_export_cli_loads_in_diffusers(data, tmp_path):
 def test_unknown_config_key_is_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  learnig_rate: 1e-4\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml.*train.learnig_rate: unknown key"):
+    with pytest.raises(ConfigError, match=r"(?s)bad.yaml.*train.learnig_rate: unknown key"):
         load_config(bad)
     with pytest.raises(ConfigError, match="train.batch_size"):
         load_config(None, ["train.batch_size=lots"])
@@ -125,9 +130,11 @@ def test_bad_sample_stops_with_the_file_named(data, tmp_path):
 
     copy = tmp_path / "data"
     shutil.copytree(data, copy)
-    (copy / "target" / "3.png").write_bytes(b"not a png")
-    cfg = load_config(TINY, _overrides(copy, **{"train.max_steps": 6}))
-    with pytest.raises(Exception, match="3.png"):
+    # Every target corrupt: the very first batch fails, before any compile.
+    for f in (copy / "target").iterdir():
+        f.write_bytes(b"not a png")
+    cfg = load_config(TINY, _overrides(copy))
+    with pytest.raises(Exception, match=r"target/\d+\.png"):
         train(cfg, tmp_path / "run", progress=False)
 
 
@@ -174,15 +181,3 @@ def test_two_processes_equal_one_process(data, tmp_path):
     for k in pa:
         np.testing.assert_allclose(pa[k], pb[k], rtol=1e-4, atol=1e-6, err_msg=k)
     assert jax.process_count() == 1
-
-
-def test_validation_grid_written(data, tmp_path):
-    over = _overrides(data, **{
-        "train.max_steps": 2, "train.validate_every": 2, "train.validation_steps": 2,
-        "train.validation_samples": 3,
-    })  # fmt: skip
-    train(load_config(TINY, over), tmp_path, progress=False)
-    from PIL import Image
-
-    img = Image.open(tmp_path / "val_0000002.png")
-    assert img.size == (2 * 32 + 2, 3 * 32 + 4)  # condition | sample, 3 rows

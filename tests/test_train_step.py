@@ -42,7 +42,10 @@ def _batch(sd, n=8, seed=0):
     }
 
 
-def _run(trainable="controlnet", steps=2, grad_accum=1, batch=None, mesh=None, **train):
+@functools.cache
+def _compiled(trainable, grad_accum, devices, fsdp, train_items):
+    """Initial state, frozen tree and the jitted step (cached: compiles once per setup)."""
+    train = dict(train_items)
     config, models, params, sd = _setup(trainable, **train)
     labels = labels_for(params, trainable)
     tr, frozen = split(params, labels)
@@ -51,20 +54,27 @@ def _run(trainable="controlnet", steps=2, grad_accum=1, batch=None, mesh=None, *
     step = make_train_step(
         models, sd.schedule.alphas_cumprod(), tx, grad_accum, config.train.ema_decay
     )
-    batch = _batch(sd) if batch is None else batch
-    rng = jax.random.PRNGKey(0)
-    if mesh is None:
-        fn = jax.jit(step)
-    else:
-        state_sh = shd.param_shardings(mesh, state)
-        frozen_sh = shd.param_shardings(mesh, frozen)
-        state, frozen = jax.device_put(state, state_sh), jax.device_put(frozen, frozen_sh)
+    if devices is None:
+        return jax.jit(step), state, frozen, params, labels, None
+    mesh = shd.make_mesh(fsdp, jax.devices()[:devices])
+    state_sh, frozen_sh = shd.param_shardings(mesh, state), shd.param_shardings(mesh, frozen)
+    state, frozen = jax.device_put(state, state_sh), jax.device_put(frozen, frozen_sh)
+    fn = jax.jit(
+        step,
+        in_shardings=(state_sh, frozen_sh, shd.batch_sharding(mesh), shd.replicated(mesh)),
+        out_shardings=(state_sh, shd.replicated(mesh)),
+    )
+    return fn, state, frozen, params, labels, mesh
+
+
+def _run(trainable="controlnet", steps=2, grad_accum=1, batch=None, devices=None, fsdp=1, **train):
+    fn, state, frozen, params, labels, mesh = _compiled(
+        trainable, grad_accum, devices, fsdp, tuple(sorted(train.items()))
+    )
+    batch = _batch(_setup(trainable, **train)[3]) if batch is None else batch
+    if mesh is not None:
         batch = shd.global_batch(batch, mesh)
-        fn = jax.jit(
-            step,
-            in_shardings=(state_sh, frozen_sh, shd.batch_sharding(mesh), shd.replicated(mesh)),
-            out_shardings=(state_sh, shd.replicated(mesh)),
-        )
+    rng = jax.random.PRNGKey(0)
     losses = []
     for _ in range(steps):
         state, metrics = fn(state, frozen, batch, rng)
@@ -145,7 +155,7 @@ def _assert_same_updates(a, b, params, rtol):
 
 def test_grad_accumulation_equals_one_big_batch():
     a = _run(grad_accum=1, steps=1, **LINEAR)
-    b = _run(grad_accum=2, steps=1, **LINEAR)
+    b = _run(grad_accum=2, steps=1, **LINEAR)  # same compiled step serves `c` below
     assert abs(a[4][0] - b[4][0]) <= 1e-6 * abs(a[4][0])
     _assert_same_updates(a[0], b[0], a[2], rtol=1e-4)
     # And it is not vacuous: a different batch gives a different update.
@@ -156,8 +166,8 @@ def test_grad_accumulation_equals_one_big_batch():
 
 def test_one_device_equals_eight_devices():
     assert len(jax.devices()) >= 8, "tests/conftest.py sets 8 virtual CPU devices"
-    one = _run(mesh=shd.make_mesh(1, jax.devices()[:1]), **LINEAR)
-    eight = _run(mesh=shd.make_mesh(2, jax.devices()[:8]), **LINEAR)  # 4 data x 2 fsdp
+    one = _run(devices=1, **LINEAR)
+    eight = _run(devices=8, fsdp=2, **LINEAR)  # 4 data x 2 fsdp
     np.testing.assert_allclose(one[4], eight[4], rtol=1e-5)
     _assert_same_updates(one[0], eight[0], one[2], rtol=1e-4)
 

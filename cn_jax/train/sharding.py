@@ -31,6 +31,8 @@ def maybe_initialize_distributed() -> None:
     machine); otherwise `jax.distributed.initialize()` auto-detects cluster
     environments (SLURM, TPU pods, ...) and is skipped on a single process.
     """
+    if jax.distributed.is_initialized():
+        return
     coordinator = os.environ.get("CN_JAX_COORDINATOR")
     if coordinator:
         # CPU processes need a collectives backend to talk to each other (GPUs
