@@ -183,3 +183,29 @@ def test_merge_inverts_split():
     _, _, params, _ = _setup()
     tr, fr = split(params, labels_for(params, "controlnet"))
     assert _leaves(merge(tr, fr)).keys() == _leaves(params).keys()
+
+
+def test_remat_gives_the_same_gradients():
+    _, models, params, sd = _setup()
+    x = jnp.asarray(_batch(sd, 2)["pixel_values"])
+    t, ctx = jnp.array([1.0, 500.0]), jnp.ones((2, 16, 64))
+
+    def loss(p, unet):
+        return jnp.sum(unet.apply({"params": p}, x, t, ctx) ** 2)
+
+    g1 = jax.grad(loss)(params["unet"], models.unet)
+    g2 = jax.grad(loss)(params["unet"], models.unet.clone(remat=True))
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        assert np.abs(a - b).max() <= 1e-5 * max(np.abs(a).max(), 1e-6)
+
+
+def test_lr_schedules():
+    from cn_jax.train.state import learning_rate_schedule
+
+    over = ["train.warmup_steps=10", "train.max_steps=110", "train.lr_schedule=cosine"]
+    cfg = load_config(None, over).train
+    sched = learning_rate_schedule(cfg, 1.0)
+    assert float(sched(0)) == 0.0 and abs(float(sched(10)) - 1.0) < 1e-6
+    assert abs(float(sched(60)) - 0.5) < 1e-6 and float(sched(110)) < 1e-6
+    wc = learning_rate_schedule(cfg.model_copy(update={"lr_schedule": "warmup_constant"}), 1.0)
+    assert abs(float(wc(5)) - 0.5) < 1e-6 and float(wc(1000)) == 1.0

@@ -114,11 +114,12 @@ class ControlNet(nn.Module):
     config: ControlNetConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False  # recompute block activations in the backward pass
 
     def setup(self):
         c = self.config
         d, p = self.dtype, self.param_dtype
-        enc = make_encoder(c, d, p)
+        enc = make_encoder(c, d, p, self.remat)
         self.conv_in = enc["conv_in"]
         self.time_embedding = enc["time_embedding"]
         self.down_blocks = enc["down_blocks"]

@@ -153,7 +153,18 @@ def _transformer(block, name: str) -> Transformer2DModel:
 # -- the encoder half, shared by UNet and ControlNet ----------------------------
 
 
-def make_encoder(config: EncoderConfig, dtype: Dtype, param_dtype: Dtype) -> dict[str, nn.Module]:
+def block_classes(remat: bool):
+    """(DownBlock, MidBlock, UpBlock), rematerialised when `remat`: their
+    activations are recomputed in the backward pass instead of stored
+    (parameter names are unchanged)."""
+    if not remat:
+        return DownBlock, MidBlock, UpBlock
+    return nn.remat(DownBlock), nn.remat(MidBlock), nn.remat(UpBlock, static_argnums=(5,))
+
+
+def make_encoder(
+    config: EncoderConfig, dtype: Dtype, param_dtype: Dtype, remat: bool = False
+) -> dict[str, nn.Module]:
     """Submodules of the encoder half, named as diffusers names them.
 
     Called from `setup` of `UNet` and `ControlNet`, so both get identical
@@ -161,10 +172,11 @@ def make_encoder(config: EncoderConfig, dtype: Dtype, param_dtype: Dtype) -> dic
     """
     c = config
     n = len(c.block_out_channels)
+    down_cls, mid_cls, _ = block_classes(remat)
     down = []
     for i, block_type in enumerate(c.down_block_types):
         down.append(
-            DownBlock(
+            down_cls(
                 out_channels=c.block_out_channels[i],
                 num_layers=c.layers_per_block,
                 has_attention=block_type == "CrossAttnDownBlock2D",
@@ -185,7 +197,7 @@ def make_encoder(config: EncoderConfig, dtype: Dtype, param_dtype: Dtype) -> dic
         conv_in=conv(c.block_out_channels[0], 3, dtype, param_dtype, "conv_in"),
         time_embedding=TimestepEmbedding(4 * c.block_out_channels[0], dtype, param_dtype),
         down_blocks=down,
-        mid_block=MidBlock(
+        mid_block=mid_cls(
             channels=c.block_out_channels[-1],
             heads=c.heads_per_block[-1],
             transformer_layers=c.transformer_layers[-1],
@@ -240,11 +252,13 @@ class UNet(nn.Module):
     config: UNetConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False  # recompute block activations in the backward pass
 
     def setup(self):
         c = self.config
         d, p = self.dtype, self.param_dtype
-        enc = make_encoder(c, d, p)
+        enc = make_encoder(c, d, p, self.remat)
+        up_cls = block_classes(self.remat)[2]
         self.conv_in = enc["conv_in"]
         self.time_embedding = enc["time_embedding"]
         self.down_blocks = enc["down_blocks"]
@@ -255,7 +269,7 @@ class UNet(nn.Module):
         rev_only_cross = tuple(reversed(c.only_cross_per_block))
         n = len(rev_channels)
         self.up_blocks = [
-            UpBlock(
+            up_cls(
                 out_channels=rev_channels[i],
                 num_layers=c.layers_per_block + 1,
                 has_attention=block_type == "CrossAttnUpBlock2D",

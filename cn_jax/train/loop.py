@@ -88,15 +88,16 @@ def build(config: Config):
             from cn_jax.weights.folders import load_controlnet
 
             cnet, cparams = load_controlnet(config.model.controlnet, dtype=dtype)
+            cnet = cnet.clone(remat=config.train.remat)
         else:
             ccfg = controlnet_config(config, sd.unet.config, latent_factor)
-            cnet = ControlNet(ccfg, dtype=dtype)
+            cnet = ControlNet(ccfg, dtype=dtype, remat=config.train.remat)
             cparams = init_controlnet_from_unet(
                 sd.unet_params, ccfg, jax.random.PRNGKey(config.train.seed)
             )
         params["controlnet"] = cparams
     models = StepModels(
-        unet=sd.unet,
+        unet=sd.unet.clone(remat=config.train.remat),
         controlnet=cnet,
         vae=sd.vae,
         text_encoder=sd.text_encoder,
@@ -253,7 +254,13 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
                 if bar is not None:
                     bar.set_postfix(loss=f"{m['loss']:.4f}", sps=f"{m['samples_per_s']:.1f}")
             if done % tc.checkpoint_every == 0 or done == tc.max_steps:
-                ckpt.save(done, state, {"data_position": loader.position, "step": done})
+                meta = {
+                    "step": done,
+                    "data_position": loader.position,
+                    "rng": {"seed": tc.seed, "rule": "fold_in(PRNGKey(seed), step)"},
+                    "config": config.model_dump(),
+                }
+                ckpt.save(done, state, meta)
             if tc.validate_every and done % tc.validate_every == 0 and proc == 0:
                 _validate(config, models, state, frozen, sd, dataset, workdir, done)
             if bar is not None:
