@@ -181,3 +181,49 @@ def test_two_processes_equal_one_process(data, tmp_path):
     for k in pa:
         np.testing.assert_allclose(pa[k], pb[k], rtol=1e-4, atol=1e-6, err_msg=k)
     assert jax.process_count() == 1
+
+
+def test_cache_latents_trains_the_same(data, tmp_path):
+    """Text embeddings (and, with a VAE, posteriors) precomputed once: same training."""
+    # adam_eps=1, lr=1: updates ~ gradients, so the comparison sees gradient
+    # differences, not Adam's per-element normalisation of float32 noise.
+    over = _overrides(data, **{
+        "train.max_steps": 2, "train.checkpoint_every": 2, "train.adam_eps": 1.0,
+        "train.learning_rate": 1.0,
+    })  # fmt: skip
+    a = train(load_config(TINY, over), tmp_path / "plain", progress=False)
+    cached = [*over, "data.cache_latents=true"]
+    b = train(load_config(TINY, cached), tmp_path / "cached", progress=False)
+    assert (tmp_path / "cached" / "latent_cache" / "context.npy").is_file()
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    pa, pb = _params(tmp_path / "plain"), _params(tmp_path / "cached")
+    for k in pa:
+        scale = max(np.abs(pa[k]).max(), 1e-9)
+        assert np.abs(pa[k] - pb[k]).max() <= 1e-4 * scale, k
+    with pytest.raises(ValueError, match="fixed crop"):
+        train(load_config(TINY, [*over, "data.cache_latents=true", "data.random_flip=true"]),
+              tmp_path / "flip", progress=False)  # fmt: skip
+
+
+def test_cached_vae_posterior_gives_the_same_latents():
+    from cn_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
+    from cn_jax.models.vae import example_inputs as vae_inputs
+    from cn_jax.train.step import StepModels, encode_batch
+
+    vae = AutoencoderKL(
+        AutoencoderKLConfig(
+            block_out_channels=(8, 16), norm_num_groups=4,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        )
+    )  # fmt: skip
+    vp = vae.init(jax.random.PRNGKey(0), *vae_inputs(vae.config))["params"]
+    models = StepModels(unet=None, controlnet=None, vae=vae, text_encoder=None)
+    pixels = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3), minval=-1, maxval=1)
+    ctx = np.zeros((2, 4, 8), np.float32)
+    noise = jax.random.normal(jax.random.PRNGKey(2), (2, 8, 8, 4))
+    plain = {"pixel_values": pixels, "encoder_hidden_states": ctx}
+    mean, logvar = vae.apply({"params": vp}, pixels, method="encode")
+    cached = {"latent_mean": mean, "latent_logvar": logvar, "encoder_hidden_states": ctx}
+    a, _ = encode_batch(models, {"vae": vp}, plain, noise)
+    b, _ = encode_batch(models, {"vae": vp}, cached, noise)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

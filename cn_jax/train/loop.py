@@ -175,6 +175,12 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
         caption_column=config.data.caption_column,
     )
     max_len = sd.text_encoder.config.max_position_embeddings
+    cache = None
+    if config.data.cache_latents:
+        from cn_jax.train.cache import build_cache, cached_batch, check_cacheable
+
+        check_cacheable(config)
+        cache = build_cache(config, models, _host_frozen(frozen), sd, dataset, workdir)
     loader = Loader(
         dataset,
         global_batch_size=tc.batch_size,
@@ -189,7 +195,7 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
         prefetch=config.data.prefetch,
         process_index=proc,
         process_count=n_proc,
-        tokenize=lambda prompts: tokenize(sd.tokenizer, prompts, max_len),
+        tokenize=None if cache else (lambda prompts: tokenize(sd.tokenizer, prompts, max_len)),
         start_position=data_position,
     )
 
@@ -218,6 +224,8 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
             bar = tqdm(total=tc.max_steps, initial=start_step, desc="train", unit="step")
         for step in range(start_step, tc.max_steps):
             local = next(it)
+            if cache is not None:
+                local = cached_batch(cache, local, has_vae=models.vae is not None)
             local.pop("index", None)
             local.pop("captions", None)
             batch = shd.global_batch(local, mesh)
@@ -274,6 +282,11 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
         if writer is not None:
             writer.close()
     return last
+
+
+def _host_frozen(frozen: dict) -> dict:
+    """The frozen encoders' params as used by the cache builder (text encoder, VAE)."""
+    return {k: v for k, v in frozen.items() if k in ("text_encoder", "vae")}
 
 
 def _write_model_configs(workdir: Path, models: StepModels) -> None:

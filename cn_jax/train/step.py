@@ -44,8 +44,9 @@ class StepModels:
 
 def latent_shape(models: StepModels, batch: dict) -> tuple[int, ...]:
     """Shape of the batch's latents (cached, pixel-space, or VAE-encoded)."""
-    if "latents" in batch:
-        return batch["latents"].shape
+    for key in ("latents", "latent_mean"):
+        if key in batch:
+            return batch[key].shape
     b, h, w, c = batch["pixel_values"].shape
     if models.vae is None:
         return (b, h, w, c)
@@ -75,9 +76,12 @@ def encode_batch(models: StepModels, params: dict, batch: dict, vae_noise: jax.A
     elif models.vae is None:
         latents = batch["pixel_values"]
     else:
-        mean, logvar = models.vae.apply(
-            {"params": params["vae"]}, batch["pixel_values"], method="encode"
-        )
+        if "latent_mean" in batch:  # data.cache_latents: the posterior was precomputed
+            mean, logvar = batch["latent_mean"], batch["latent_logvar"]
+        else:
+            mean, logvar = models.vae.apply(
+                {"params": params["vae"]}, batch["pixel_values"], method="encode"
+            )
         std = jnp.exp(0.5 * logvar.astype(jnp.float32))
         latents = (mean.astype(jnp.float32) + std * vae_noise) * models.scaling_factor
     if "encoder_hidden_states" in batch:
