@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cn_jax.models.controlnet import combine_controlnet_residuals
 
@@ -72,3 +73,37 @@ def denoise(
 
     (_, x), _ = jax.lax.scan(body, (state, latents.astype(jnp.float32)), jnp.arange(len(sampler)))
     return x
+
+
+def residual_sizes(config, latent_hw: tuple[int, int]) -> list[int]:
+    """Spatial height of each ControlNet residual (skips in UNet order, then mid)."""
+    h = latent_hw[0]
+    n = len(config.block_out_channels)
+    sizes = [h]
+    for b in range(n):
+        sizes += [h] * config.layers_per_block
+        if b < n - 1:
+            h = -(-h // 2)  # stride-2 conv with padding 1: ceil(h / 2)
+            sizes.append(h)
+    return sizes + [h]
+
+
+def guess_mode_scales(kind: str, config, latent_hw: tuple[int, int], strength: float = 1.0):
+    """Per-residual multipliers for guess mode, shallowest skip first, mid last.
+
+    - "diffusers": logspace(-1, 0, 13) (diffusers' ControlNetModel);
+    - "original": strength * 0.825 ** (12 - i) (lllyasviel's gradio apps);
+    - "paper": the paper's CFG resolution weighting w_i = 64 / h_i with h_i the
+      block's spatial size at 512 px, generalised as (latent height) / h_i.
+    """
+    sizes = residual_sizes(config, latent_hw)
+    n = len(sizes)
+    if kind == "diffusers":
+        w = np.logspace(-1.0, 0.0, n)
+    elif kind == "original":
+        w = 0.825 ** (n - 1 - np.arange(n, dtype=np.float64))
+    elif kind == "paper":
+        w = latent_hw[0] / np.asarray(sizes, np.float64)
+    else:
+        raise ValueError(f"guess mode scales {kind!r}: expected diffusers, original or paper")
+    return (strength * w).astype(np.float32)
