@@ -106,3 +106,17 @@ def test_input_errors(folder, tmp_path):
     with pytest.warns(UserWarning, match="not a multiple"):
         out = pipe("a", np.zeros((100, 100, 3)), num_inference_steps=2, output_type="np")
     assert out.shape == (1, 96, 96, 3)
+
+
+def test_sample_cli_writes_a_grid(folder, tmp_path):
+    from cn_jax.cli import main
+
+    cn_dir = tmp_path / "cn"
+    _torch_nets(folder)[0].save_pretrained(cn_dir)
+    _cond(0).save(tmp_path / "c.png")
+    out = tmp_path / "out.png"
+    args = ["sample", "--base", folder, "--controlnet", str(cn_dir), "--image",
+            str(tmp_path / "c.png"), "--prompt", PROMPTS[0], "--steps", "2", "--num-images", "2",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert Image.open(out).size == (2 * 96, 96)

@@ -346,8 +346,8 @@ def scribble(
 def grayscale(images: jax.Array) -> jax.Array:
     """Luma like ``cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)``: 0.299 R + 0.587 G + 0.114 B.
 
-    uint8 images use cv2's exact fixed-point formula (coefficients scaled by 2^14, rounded), so
-    the result equals cv2's bit for bit; float images use the real coefficients. A fourth
+    uint8 images use cv2's fixed-point formula (coefficients scaled by 2^15, rounded half up),
+    so the result equals cv2's bit for bit; float images use the real coefficients. A fourth
     (alpha) channel is ignored; a one-channel image is returned as it is.
 
     Args:
@@ -364,9 +364,10 @@ def grayscale(images: jax.Array) -> jax.Array:
         raise ValueError(f"grayscale takes 1, 3 or 4 channels (RGB[A]); got shape {images.shape}")
     r, g, b = images[..., 0], images[..., 1], images[..., 2]
     if images.dtype == jnp.uint8:
-        # cv2's RGB2GRAY for 8 bits: (R*4899 + G*9617 + B*1868 + 2^13) >> 14.
+        # cv2's RGB2GRAY for 8 bits: (R*9798 + G*19235 + B*3735 + 2^14) >> 15. A float
+        # weighted sum rounds differently on ~0.05% of pixels (those at x.5).
         r, g, b = (v.astype(jnp.int32) for v in (r, g, b))
-        y = ((r * 4899 + g * 9617 + b * 1868 + (1 << 13)) >> 14).astype(jnp.uint8)
+        y = ((r * 9798 + g * 19235 + b * 3735 + (1 << 14)) >> 15).astype(jnp.uint8)
     else:
         y = _cast_like(0.299 * r + 0.587 * g + 0.114 * b, images.dtype)
     return _single_channel_out(y, was_hw)
@@ -568,7 +569,9 @@ def annotate(name: str, image: np.ndarray, **options: Any) -> np.ndarray:
     fn = ANNOTATORS[name]
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
-        raise ValueError(f"annotate takes a uint8 (H, W[, C]) image; got {image.dtype} {image.shape}")
+        raise ValueError(
+            f"annotate takes a uint8 (H, W[, C]) image; got {image.dtype} {image.shape}"
+        )
     if image.ndim == 2:
         image = image[..., None]
     if image.shape[-1] == 4:
