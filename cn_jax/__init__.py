@@ -19,6 +19,7 @@ from cn_jax.models import (
     combine_controlnet_residuals,
     init_controlnet_from_unet,
 )
+from cn_jax.pipeline import ControlNetPipeline
 from cn_jax.weights import (
     WeightFileError,
     load_controlnet,
@@ -26,13 +27,14 @@ from cn_jax.weights import (
     save_controlnet,
     save_unet,
 )
-from cn_jax.weights.sd import StableDiffusion, load_pipeline
+from cn_jax.weights.sd import StableDiffusion, load_pipeline  # noqa: I001 (after weights)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ControlNet",
     "ControlNetConfig",
+    "ControlNetPipeline",
     "ControlledBlock",
     "NoiseScheduleConfig",
     "StableDiffusion",
