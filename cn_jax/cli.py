@@ -142,6 +142,28 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _annotate(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from cn_jax.data.annotators import annotate
+
+    try:
+        image = np.asarray(Image.open(args.input).convert("RGB"))
+    except OSError as e:
+        raise ValueError(f"{args.input}: not a readable image ({e})") from None
+    options = {}
+    if args.name == "canny":
+        options = {"low_threshold": args.low, "high_threshold": args.high}
+    elif args.name == "tile":
+        options = {"factor": args.factor}
+    elif args.name == "shuffle":
+        options = {"seed": args.seed}
+    Image.fromarray(annotate(args.name, image, **options)).save(args.output)
+    print(f"wrote {args.output} ({args.name})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cn-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -189,6 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--num-images", type=int, default=1)
     sm.add_argument("--out", required=True, help="PNG (a grid when --num-images > 1)")
     sm.set_defaults(func=_sample)
+
+    an = sub.add_parser("annotate", help="make a condition image from a photo")
+    an.add_argument("name", choices=("canny", "scribble", "shuffle", "tile", "grayscale"))
+    an.add_argument("input")
+    an.add_argument("output")
+    an.add_argument("--low", type=float, default=100, help="canny low threshold")
+    an.add_argument("--high", type=float, default=200, help="canny high threshold")
+    an.add_argument("--factor", type=float, default=4.0, help="tile down-sampling factor")
+    an.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    an.set_defaults(func=_annotate)
 
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)

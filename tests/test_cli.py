@@ -38,3 +38,16 @@ def test_console_script_runs():
         [sys.executable, "-m", "cn_jax.cli", "info"], capture_output=True, text=True, check=True
     )
     assert "cn_jax" in out.stdout and "backend" in out.stdout
+
+
+def test_annotate_canny_matches_cv2(tmp_path):
+    import cv2
+    from PIL import Image
+    from skimage import data as photos
+
+    img = photos.astronaut()[::4, ::4]
+    Image.fromarray(img).save(tmp_path / "in.png")
+    assert main(["annotate", "canny", str(tmp_path / "in.png"), str(tmp_path / "out.png"),
+                 "--low", "50", "--high", "150"]) == 0  # fmt: skip
+    out = np.asarray(Image.open(tmp_path / "out.png"))
+    np.testing.assert_array_equal(out[..., 0], cv2.Canny(img, 50, 150))

@@ -8,6 +8,16 @@ synthetic fill50k.
             checkpoint["data"] = loader.position  # resume: Loader(..., start_position=...)
 """
 
+from cn_jax.data.annotators import (
+    ANNOTATORS,
+    annotate,
+    canny,
+    content_shuffle,
+    grayscale,
+    inpaint_mask,
+    scribble,
+    tile,
+)
 from cn_jax.data.fill50k import (
     PALETTE,
     CircleTruth,
@@ -21,6 +31,14 @@ from cn_jax.data.sources import DatasetError, detect_format, open_dataset, resol
 from cn_jax.data.transforms import BadSampleError, decode_image, preprocess_pair
 
 __all__ = [
+    "ANNOTATORS",
+    "annotate",
+    "canny",
+    "content_shuffle",
+    "grayscale",
+    "inpaint_mask",
+    "scribble",
+    "tile",
     "PALETTE",
     "BadSampleError",
     "CircleTruth",

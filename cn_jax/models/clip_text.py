@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cn_jax.models.config import strict_config
 from cn_jax.models.layers import Dtype
 
 HIDDEN_ACTS = ("quick_gelu", "gelu")
@@ -66,10 +67,6 @@ _FIXED_FIELDS: dict[str, tuple[Any, ...]] = {
     "architectures": (None, ("CLIPTextModel",)),
     "pruned_heads": ({},),
 }
-
-
-def _tuple(value: Any) -> Any:
-    return tuple(_tuple(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,30 +156,7 @@ class CLIPTextConfig:
           data: the parsed JSON.
           source: where it came from, for error messages (e.g. the file path).
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs, unknown = {}, []
-        for key, value in data.items():
-            if key.startswith("_") or key in _IGNORED_FIELDS:
-                continue
-            if key in names:
-                kwargs[key] = value
-            elif key in _FIXED_FIELDS:
-                if _tuple(value) not in _FIXED_FIELDS[key]:
-                    allowed = " or ".join(repr(v) for v in _FIXED_FIELDS[key])
-                    raise ValueError(
-                        f"{source}: field {key}={value!r} is not supported by cn_jax's "
-                        f"{cls.class_name} (expected {allowed})"
-                    )
-            else:
-                unknown.append(key)
-        if unknown:
-            raise ValueError(
-                f"{source}: unknown {cls.class_name} config field(s) {sorted(unknown)}"
-            )
-        try:
-            return cls(**kwargs)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from e
+        return strict_config(cls, data, source, _FIXED_FIELDS, _IGNORED_FIELDS)
 
     def to_dict(self) -> dict[str, Any]:
         """A dict transformers' `CLIPTextConfig` / `CLIPTextModel.from_pretrained` loads."""

@@ -9,7 +9,7 @@ building a different model than the file describes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -18,32 +18,32 @@ MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
 
 # diffusers fields that exist for other model families. Accepted only at these
 # values (the ones SD 1.x/2.x files carry); anything else is refused by name.
-_FIXED_FIELDS: dict[str, Any] = {
-    "dual_cross_attention": False,
-    "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
-    "num_class_embeds": None,
-    "resnet_time_scale_shift": "default",
-    "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0,
-    "time_embedding_type": "positional",
-    "time_embedding_dim": None,
-    "time_embedding_act_fn": None,
-    "timestep_post_act": None,
-    "time_cond_proj_dim": None,
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
-    "attention_type": "default",
-    "class_embeddings_concat": False,
-    "mid_block_only_cross_attention": None,
-    "cross_attention_norm": None,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "reverse_transformer_layers_per_block": None,
-    "act_fn": "silu",
-    "dropout": 0.0,
+_FIXED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "dual_cross_attention": (False,),
+    "class_embed_type": (None,),
+    "addition_embed_type": (None,),
+    "addition_time_embed_dim": (None,),
+    "num_class_embeds": (None,),
+    "resnet_time_scale_shift": ("default",),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1.0,),
+    "time_embedding_type": ("positional",),
+    "time_embedding_dim": (None,),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
+    "projection_class_embeddings_input_dim": (None,),
+    "attention_type": ("default",),
+    "class_embeddings_concat": (False,),
+    "mid_block_only_cross_attention": (None,),
+    "cross_attention_norm": (None,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "reverse_transformer_layers_per_block": (None,),
+    "act_fn": ("silu",),
+    "dropout": (0.0,),
 }
 # Informational fields written by diffusers/other tools, ignored on read.
 _IGNORED_FIELDS = ("addition_embed_type_num_heads",)
@@ -51,6 +51,52 @@ _IGNORED_FIELDS = ("addition_embed_type_num_heads",)
 
 def _tuple(value: Any) -> Any:
     return tuple(_tuple(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def strict_config(
+    cls,
+    data: Mapping[str, Any],
+    source: str,
+    fixed: Mapping[str, tuple[Any, ...]] = {},  # noqa: B006 (read-only)
+    ignored: Iterable[str] = (),
+):
+    """Build the dataclass `cls` from a config.json dict, refusing what it can't honour.
+
+    Keys starting with "_" and `ignored` ones are skipped; `fixed` fields (those
+    of other model families) must hold one of their allowed values; any other
+    unknown key is an error. Every error names `source` and the field.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs, unknown = {}, []
+    for key, value in data.items():
+        if key.startswith("_") or key in ignored:
+            continue
+        if key in names:
+            kwargs[key] = value
+        elif key in fixed:
+            if _tuple(value) not in fixed[key]:
+                allowed = " or ".join(repr(v) for v in fixed[key])
+                raise ValueError(
+                    f"{source}: field {key}={value!r} is not supported by cn_jax's "
+                    f"{cls.__name__} (expected {allowed})"
+                )
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"{source}: unknown config field(s) for {cls.__name__}: {sorted(unknown)}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def config_to_dict(config, class_name: str) -> dict[str, Any]:
+    """A dataclass config as a JSON-ready dict (tuples as lists), `_class_name` first."""
+    out: dict[str, Any] = {"_class_name": class_name}
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
 
 
 def _per_block(value: Any, n: int, field: str) -> tuple:
@@ -168,37 +214,11 @@ class EncoderConfig:
           data: the parsed JSON.
           source: where it came from, for error messages (e.g. the file path).
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs, unknown = {}, []
-        for key, value in data.items():
-            if key.startswith("_") or key in _IGNORED_FIELDS:
-                continue
-            if key in names:
-                kwargs[key] = value
-            elif key in _FIXED_FIELDS:
-                if _tuple(value) != _FIXED_FIELDS[key] and not (
-                    key == "reverse_transformer_layers_per_block" and value is None
-                ):
-                    raise ValueError(
-                        f"{source}: field {key}={value!r} is not supported by cn_jax "
-                        f"(Stable Diffusion 1.x/2.x models need {_FIXED_FIELDS[key]!r})"
-                    )
-            else:
-                unknown.append(key)
-        if unknown:
-            raise ValueError(f"{source}: unknown config field(s) for {cls.__name__}: {unknown}")
-        try:
-            return cls(**kwargs)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+        return strict_config(cls, data, source, _FIXED_FIELDS, _IGNORED_FIELDS)
 
     def to_dict(self) -> dict[str, Any]:
         """A diffusers-compatible `config.json` dict."""
-        out: dict[str, Any] = {"_class_name": self.class_name}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = list(v) if isinstance(v, tuple) else v
-        return out
+        return config_to_dict(self, self.class_name)
 
     def replace(self, **changes) -> EncoderConfig:
         return dataclasses.replace(self, **changes)

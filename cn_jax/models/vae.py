@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cn_jax.models.config import _tuple
+from cn_jax.models.config import _tuple, config_to_dict, strict_config
 from cn_jax.models.layers import (
     Downsample2D,
     Dtype,
@@ -144,23 +144,12 @@ class AutoencoderKLConfig:
           ValueError: naming every unknown field, or the field whose value
             cn_jax does not support.
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in data.items() if not k.startswith("_")}
-        unknown = [k for k in kwargs if k not in names]
-        if unknown:
-            raise ValueError(f"{source}: unknown config field(s) for {cls.__name__}: {unknown}")
-        try:
-            return cls(**kwargs)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+        # The other-family fields are dataclass fields here, checked in __post_init__.
+        return strict_config(cls, data, source)
 
     def to_dict(self) -> dict[str, Any]:
         """A diffusers-compatible `config.json` dict."""
-        out: dict[str, Any] = {"_class_name": self.class_name}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = list(v) if isinstance(v, tuple) else v
-        return out
+        return config_to_dict(self, self.class_name)
 
     def replace(self, **changes) -> AutoencoderKLConfig:
         return dataclasses.replace(self, **changes)
