@@ -61,6 +61,7 @@ class ControlNetPipeline:
                 )
         self._compiled: dict = {}
         self.trace_count = 0  # how many times the generation program was traced
+        self.sharded_batches: set[int] = set()  # batch sizes split over the local devices
 
     @classmethod
     def from_pretrained(
@@ -304,6 +305,7 @@ class ControlNetPipeline:
         n_dev = len(jax.local_devices())
         if n_dev > 1 and batch % n_dev == 0 and jax.process_count() == 1:
             mesh = shd.make_mesh(1, jax.local_devices())
+            self.sharded_batches.add(batch)
             bs, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
             fn = jax.jit(
                 generate,
