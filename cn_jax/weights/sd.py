@@ -35,6 +35,7 @@ from cn_jax.weights import original_sd
 from cn_jax.weights.errors import WeightFileError
 from cn_jax.weights.folders import (
     CONFIG_NAME,
+    _LazyState,
     _open_state,
     _read_json,
     _weight_files,
@@ -79,15 +80,15 @@ def _abstract(module, inputs) -> Any:
 _VAE_DEPRECATED = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def _vae_state(state: Mapping[str, Any]) -> Mapping[str, Any]:
+def _vae_state(state: _LazyState) -> _LazyState:
     """The VAE state under current diffusers names (old `query`/`proj_attn` renamed)."""
-    sources = {}
+    names = {}
     for key in state:
         parts = key.split(".")
         if len(parts) >= 2 and "attentions" in parts and parts[-2] in _VAE_DEPRECATED:
             parts[-2] = _VAE_DEPRECATED[parts[-2]]
-        sources[".".join(parts)] = (key, None)
-    return _Planned(state, sources)
+        names[".".join(parts)] = key
+    return state.renamed(names)
 
 
 class _Planned(Mapping):
