@@ -92,6 +92,17 @@ class DataConfig(_Section):
     cache_latents: bool = False
 
 
+class EvalConfig(_Section):
+    """Control adherence on a fixed held-out fill50k set (cn_jax.eval), during training."""
+
+    every: int | None = Field(None, ge=1)  # steps; also at step 0 and the last step. None: off
+    samples: int = Field(32, ge=1)  # held-out conditions, sampled with a fixed noise
+    sampler: str = "ddim"
+    sampler_steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(7.5, ge=1.0)
+    seed: int = 0  # of the initial noise
+
+
 class MeshConfig(_Section):
     """Device mesh ("data", "fsdp"): the batch is split over both axes."""
 
@@ -102,6 +113,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
+    eval: EvalConfig = EvalConfig()
     mesh: MeshConfig = MeshConfig()
 
 

@@ -227,3 +227,56 @@ def test_cached_vae_posterior_gives_the_same_latents():
     a, _ = encode_batch(models, {"vae": vp}, plain, noise)
     b, _ = encode_batch(models, {"vae": vp}, cached, noise)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_base_run_evaluates_and_exports_a_pipeline(data, tmp_path):
+    """train.trainable=unet (the demo base's recipe): eval.jsonl at step 0 and every
+    K steps, and `cn-jax export` writes a diffusers pipeline folder that loads back
+    (ours) and in diffusers / transformers with the same tensors."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from cn_jax.weights.keymap import flax_to_torch
+    from cn_jax.weights.sd import load_pipeline, random_pipeline
+
+    run = tmp_path / "base"
+    extra = {
+        "train.trainable": "unet", "train.max_steps": 3, "train.checkpoint_every": 3,
+        "train.ema_decay": 0.5, "eval.every": 2, "eval.samples": 2, "eval.sampler_steps": 2,
+    }  # fmt: skip
+    cli = ["train", "--config", str(TINY), "--workdir", str(run), *_overrides(data, **extra)]
+    assert main(cli) == 0
+    evals = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2, 3]
+    assert all(0.0 <= e["iou"] <= 1.0 and 0.0 <= e["colour_adherence"] <= 1.0 for e in evals)
+
+    out = tmp_path / "pipeline"
+    assert main(["export", "--run", str(run), "--out", str(out), "--ema"]) == 0
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["vae"] == [None, None] and not (out / "vae").exists()
+    sd = load_pipeline(out)
+    assert sd.vae is None and sd.tokenizer is not None
+    ref = random_pipeline("tiny", seed=0)  # the run's frozen text encoder: the seeded one
+    te, te_ref = jax.tree.leaves(sd.text_encoder_params), jax.tree.leaves(ref.text_encoder_params)
+    for a, b in zip(te, te_ref):
+        np.testing.assert_array_equal(a, b)
+    from cn_jax.train.export import _restore
+
+    cfg = load_config(run / "config.yaml")
+    abstract = {"unet": jax.eval_shape(lambda: ref.unet_params)}
+    _, ema = _restore(run, cfg, abstract, None, ema=True)
+    _, raw = _restore(run, cfg, abstract, None, ema=False)
+    ours = flax_to_torch(sd.unet_params)
+    for k, v in flax_to_torch(ema["unet"]).items():
+        np.testing.assert_array_equal(ours[k], v, err_msg=k)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(raw)))
+    torch_unet = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
+    for k, v in ours.items():
+        assert torch.equal(torch_unet[k], torch.from_numpy(np.asarray(v))), k
+    from cn_jax.models.clip_text import canonical_torch_state
+
+    torch_te = canonical_torch_state(
+        CLIPTextModel.from_pretrained(out / "text_encoder").state_dict()
+    )
+    for k, v in flax_to_torch(sd.text_encoder_params).items():
+        assert torch.equal(torch_te[k], torch.from_numpy(np.asarray(v))), k

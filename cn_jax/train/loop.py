@@ -29,6 +29,7 @@ from cn_jax.train.state import (
     group_labels,
     labels_for,
     make_optimizer,
+    merge,
     split,
 )
 from cn_jax.train.step import StepModels, make_train_step
@@ -212,6 +213,7 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
     )
     metrics_path = workdir / "metrics.jsonl"
     writer = _summary_writer(workdir) if proc == 0 else None
+    evaluator = _evaluator(config, models, sd) if config.eval.every else None
     last: dict[str, Any] = {}
     bar = None
     try:
@@ -222,6 +224,8 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
             from tqdm import tqdm
 
             bar = tqdm(total=tc.max_steps, initial=start_step, desc="train", unit="step")
+        if evaluator is not None and start_step == 0:
+            _evaluate(evaluator, state, frozen, 0, workdir, writer, bar, proc)
         for step in range(start_step, tc.max_steps):
             local = next(it)
             if cache is not None:
@@ -271,6 +275,9 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
                 ckpt.save(done, state, meta)
             if tc.validate_every and done % tc.validate_every == 0 and proc == 0:
                 _validate(config, models, state, frozen, sd, dataset, workdir, done)
+            if evaluator is not None and (done % config.eval.every == 0 or done == tc.max_steps):
+                _evaluate(evaluator, state, frozen, done, workdir, writer, bar, proc)
+                t_last = time.perf_counter()  # evaluation time is not training throughput
             if bar is not None:
                 bar.update(1)
     finally:
@@ -305,6 +312,43 @@ def _summary_writer(workdir: Path):
     from tensorboardX import SummaryWriter
 
     return SummaryWriter(str(workdir / "tensorboard"))
+
+
+def _evaluator(config: Config, models: StepModels, sd):
+    """The held-out control-adherence evaluation (`eval.*`) for this run."""
+    from cn_jax.eval.control import ControlEvaluator
+
+    e = config.eval
+    return ControlEvaluator(
+        models.unet, models.controlnet, models.text_encoder, models.vae, sd.tokenizer,
+        sd.schedule, config.data.resolution, num_samples=e.samples,
+        sampler_steps=e.sampler_steps, guidance_scale=e.guidance_scale, sampler=e.sampler,
+        seed=e.seed, scaling_factor=models.scaling_factor,
+    )  # fmt: skip
+
+
+def _evaluate(evaluator, state, frozen, step, workdir: Path, writer, bar, proc) -> None:
+    """Score the held-out set with the current weights; append to eval.jsonl.
+
+    Every process runs the sampling (the params may be sharded over all of
+    them); process 0 writes."""
+    result = {"step": step, **evaluator(merge(state.params, frozen))}
+    if proc != 0:
+        return
+    with (workdir / "eval.jsonl").open("a") as f:
+        f.write(json.dumps(result) + "\n")
+    if writer is not None:
+        for k, v in result.items():
+            if k != "step":
+                writer.add_scalar(f"eval/{k}", v, step)
+        writer.flush()
+    line = (
+        f"eval step {step}: iou={result['iou']:.3f} colour={result['colour_adherence']:.2f} "
+        f"roundness={result['roundness']:.3f} ({result['seconds']:.1f}s)"
+    )
+    log.info(line)
+    if bar is not None:
+        bar.write(line)
 
 
 def _validate(config, models, state, frozen, sd, dataset, workdir, step) -> None:

@@ -35,6 +35,7 @@ from cn_jax.weights import original_sd
 from cn_jax.weights.errors import WeightFileError
 from cn_jax.weights.folders import (
     CONFIG_NAME,
+    DIFFUSERS_COMPAT_VERSION,
     _LazyState,
     _open_state,
     _read_json,
@@ -155,22 +156,27 @@ def _load_folder(path, dtype, param_dtype, variant, allow_pickle, tokenizer) -> 
             f"{path}: not a diffusers pipeline folder (no model_index.json); for a single "
             "model use load_unet / load_controlnet"
         )
+    index = _read_json(path / "model_index.json")
+    pixel_space = _is_null(index.get("vae", "missing"))
     for sub in SUBFOLDERS:
-        if not (path / sub).is_dir() and not (sub == "tokenizer" and tokenizer is not None):
+        optional = (sub == "tokenizer" and tokenizer is not None) or (sub == "vae" and pixel_space)
+        if not (path / sub).is_dir() and not optional:
             raise WeightFileError(f"{path}: missing subfolder {sub}/")
     unet, unet_params = load_unet(path / "unet", dtype, param_dtype, variant, allow_pickle)
 
-    vae_cfg_file = _config_file(path / "vae", CONFIG_NAME)
-    vae = AutoencoderKL(
-        AutoencoderKLConfig.from_dict(_read_json(vae_cfg_file), str(vae_cfg_file)),
-        dtype=dtype,
-        param_dtype=param_dtype,
-    )
-    vae_files = _weight_files(path / "vae", variant, allow_pickle)
-    vae_state, _ = _open_state(vae_files, allow_pickle)
-    vae_params = torch_to_flax(
-        _vae_state(vae_state), _abstract(vae, vae_example_inputs(vae.config)), str(vae_files[0])
-    )
+    vae = vae_params = None
+    if not pixel_space:
+        vae_cfg_file = _config_file(path / "vae", CONFIG_NAME)
+        vae = AutoencoderKL(
+            AutoencoderKLConfig.from_dict(_read_json(vae_cfg_file), str(vae_cfg_file)),
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
+        vae_files = _weight_files(path / "vae", variant, allow_pickle)
+        vae_state, _ = _open_state(vae_files, allow_pickle)
+        vae_params = torch_to_flax(
+            _vae_state(vae_state), _abstract(vae, vae_example_inputs(vae.config)), str(vae_files[0])
+        )
 
     te_cfg_file = _config_file(path / "text_encoder", CONFIG_NAME)
     te = CLIPTextModel(
@@ -194,6 +200,70 @@ def _load_folder(path, dtype, param_dtype, variant, allow_pickle, tokenizer) -> 
     return StableDiffusion(
         unet, unet_params, vae, vae_params, te, te_params, tok, schedule, str(path)
     )
+
+
+def _is_null(entry: Any) -> bool:
+    """A model_index.json component entry that is absent by design: [null, null]."""
+    return isinstance(entry, list) and all(v is None for v in entry)
+
+
+def save_pipeline(path: str | os.PathLike, sd: StableDiffusion, dtype=None) -> Path:
+    """Write `sd` as a diffusers pipeline folder that `load_pipeline` reads back.
+
+    `model_index.json`, `unet/`, `text_encoder/` (transformers names),
+    `tokenizer/`, `scheduler/`, and `vae/` unless the model is pixel-space
+    (`sd.vae is None`: the index lists `"vae": [null, null]`). Each component
+    is written complete before the index, so a crash never leaves a folder
+    that looks loadable.
+
+    Args:
+      path: the folder (created; existing component files are replaced).
+      sd: the bundle (e.g. a base whose UNet was trained with
+        `train.trainable: unet`); it needs a tokenizer.
+      dtype: cast the weights (e.g. `np.float16`); default: as they are.
+    """
+    from cn_jax.weights.folders import _torch_state, _write_folder, save_unet
+    from cn_jax.weights.safetensors_io import write_safetensors
+
+    if sd.tokenizer is None:
+        raise ValueError("save_pipeline: the bundle has no tokenizer to save")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_unet(path / "unet", sd.unet, sd.unet_params, dtype)
+    if sd.vae is not None:
+        _write_folder(path / "vae", sd.vae.config.to_dict(), _torch_state(sd.vae_params, dtype))
+    te_dir = path / "text_encoder"
+    te_dir.mkdir(exist_ok=True)
+    write_safetensors(
+        te_dir / "model.safetensors", _torch_state(sd.text_encoder_params, dtype),
+        metadata={"format": "pt"},
+    )  # fmt: skip
+    _write_json(te_dir / CONFIG_NAME, sd.text_encoder.config.to_dict())
+    sd.tokenizer.save_pretrained(str(path / "tokenizer"))
+    (path / "scheduler").mkdir(exist_ok=True)
+    _write_json(path / "scheduler" / "scheduler_config.json", sd.schedule.to_dict())
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_COMPAT_VERSION,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"] if sd.vae is not None else [None, None],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    _write_json(path / "model_index.json", index)
+    return path
+
+
+def _write_json(path: Path, data: dict) -> None:
+    import json
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _config_file(folder: Path, name: str) -> Path:
