@@ -108,38 +108,126 @@ def _data_fill50k(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import time
 
-    from cn_jax.pipeline import ControlNetPipeline, save_grid
+    from cn_jax.pipeline import ControlNetPipeline
 
+    nets = args.controlnet or []
+    if args.dataset is None:
+        if args.prompt is None:
+            raise ValueError("give --prompt (or --dataset to take prompts and conditions from)")
+        if len(args.image or []) != len(nets):
+            raise ValueError(f"{len(args.image or [])} --image for {len(nets)} --controlnet")
+    elif len(nets) != 1:
+        raise ValueError("--dataset takes its conditions for exactly one --controlnet")
+    if args.compare_base and not nets:
+        raise ValueError("--compare-base needs a --controlnet to compare with")
     t0 = time.perf_counter()
-    print(f"[1/3] loading {args.base} + {len(args.controlnet)} ControlNet(s)", flush=True)
+    print(f"[1/3] loading {args.base} + {len(nets)} ControlNet(s)", flush=True)
     pipe = ControlNetPipeline.from_pretrained(
-        args.base, args.controlnet, base_config=args.base_config, tokenizer=args.tokenizer
+        args.base, nets, base_config=args.base_config, tokenizer=args.tokenizer
     )
-    if len(args.image) != len(args.controlnet):
-        raise ValueError(f"{len(args.image)} --image for {len(args.controlnet)} --controlnet")
-    images = args.image if len(args.image) > 1 else args.image[0]
-    scale = args.scale if len(args.scale) > 1 else args.scale[0]
+    base = ControlNetPipeline(pipe.sd, []) if args.compare_base else None
+    scales = args.scale or [1.0]
+    options = dict(
+        negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+        guidance_scale=args.guidance, controlnet_conditioning_scale=scales[0] if len(scales) == 1
+        else scales, guess_mode=args.guess_mode, scheduler=args.sampler, seed=args.seed,
+        num_images_per_prompt=args.num_images,
+    )  # fmt: skip
+    if args.dataset is not None:
+        jobs = _dataset_rows(args.dataset, args.rows)
+    else:
+        images = args.image if len(nets) > 1 else (args.image[0] if nets else None)
+        jobs = [(args.prompt, images)]
     print(f"[2/3] compiling and sampling {args.steps} {args.sampler} steps", flush=True)
     t1 = time.perf_counter()
-    out = pipe(
-        args.prompt,
-        images,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        controlnet_conditioning_scale=scale,
-        guess_mode=args.guess_mode,
-        scheduler=args.sampler,
-        seed=args.seed,
-        num_images_per_prompt=args.num_images,
-    )
+    rows = []
+    from tqdm.auto import tqdm
+
+    for prompt, cond in tqdm(jobs, desc="sample", unit="row", disable=len(jobs) < 2):
+        out = pipe(prompt, cond, **options)
+        if base is None:
+            rows.append(out)
+            continue
+        size = out[0].size
+        condition = cond if not isinstance(cond, list) else cond[0]
+        rows.append([_as_pil(condition, size), *base(prompt, None, **options, height=size[1],
+                     width=size[0]), *out])  # fmt: skip
     t2 = time.perf_counter()
-    save_grid(out, args.out)
+    _save_rows(rows, args.out)
+    n = sum(len(r) for r in rows)
     print(
-        f"[3/3] wrote {args.out} ({len(out)} image(s)); load {t1 - t0:.1f}s, "
+        f"[3/3] wrote {args.out} ({len(rows)} row(s), {n} image(s)); load {t1 - t0:.1f}s, "
         f"compile+sample {t2 - t1:.1f}s"
     )
     return 0
+
+
+def _dataset_rows(path: str, rows: int) -> list:
+    """(prompt, condition image) of the first `rows` rows of a dataset folder."""
+    from cn_jax.data import open_dataset
+
+    ds = open_dataset(path)
+    out = []
+    for i in range(min(rows, len(ds))):
+        row = ds[i]
+        cap = row["caption"]
+        out.append((cap if isinstance(cap, str) else cap[0], row["conditioning_image"]))
+    return out
+
+
+def _as_pil(image, size):
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        image = Image.open(image)
+    return image.convert("RGB").resize(size)
+
+
+def _save_rows(rows: list, path: str) -> None:
+    """One PNG: a grid with one row per job (2 px white gaps)."""
+    from PIL import Image
+
+    w, h = rows[0][0].size
+    cols, gap = max(len(r) for r in rows), 2
+    grid = Image.new("RGB", (cols * (w + gap) - gap, len(rows) * (h + gap) - gap), "white")
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            grid.paste(im.convert("RGB"), (c * (w + gap), r * (h + gap)))
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from cn_jax.eval.report import read_evals, summarize, write_report
+
+    m = summarize(read_evals(args.run))
+    checks = {
+        f"iou_final >= {args.min_iou}": m["iou_final"] >= args.min_iou,
+        f"iou_final >= {args.min_factor} x iou_initial": m["iou_final"]
+        >= args.min_factor * m["iou_initial"],
+        f"colour_adherence >= {args.min_colour}": m["colour_adherence"] >= args.min_colour,
+    }
+    extra = {"targets": checks}
+    if args.seconds is not None:
+        extra["train_seconds"] = args.seconds
+    m = write_report(args.run, args.out, extra)
+    jump = m["sudden_convergence"]
+    print(
+        f"held-out IoU {m['iou_initial']:.3f} (step {m['initial_step']}) -> "
+        f"{m['iou_final']:.3f} (step {m['final_step']}); colour kept "
+        f"{100 * m['colour_adherence']:.0f}%"
+    )
+    if jump is not None:
+        print(
+            f"largest jump: IoU {jump['iou_before']:.3f} -> {jump['iou_after']:.3f} between "
+            f"steps {jump['from_step']} and {jump['to_step']}"
+        )
+    for name, ok in checks.items():
+        print(f"  [{'ok' if ok else 'MISSED'}] {name}")
+    print(f"wrote {args.out}/metrics.json and {args.out}/control_curve.png")
+    return 0 if all(checks.values()) or not args.strict else 1
 
 
 def _annotate(args: argparse.Namespace) -> int:
@@ -180,13 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conv.set_defaults(func=_convert)
 
-    tr = sub.add_parser("train", help="train (or resume) a ControlNet")
+    tr = sub.add_parser("train", help="train (or resume) a ControlNet, or a base UNet")
     tr.add_argument("--config", required=True, help="YAML config (see configs/)")
     tr.add_argument("--workdir", required=True, help="run directory; resumes if it has checkpoints")
     tr.add_argument("overrides", nargs="*", help="section.key=value overrides")
     tr.set_defaults(func=_train)
 
-    ex = sub.add_parser("export", help="export the trained ControlNet of a run")
+    ex = sub.add_parser(
+        "export", help="export a run's ControlNet (or its trained base: a pipeline folder)"
+    )
     ex.add_argument("--run", required=True, help="the run directory (--workdir of train)")
     ex.add_argument("--out", required=True, help="folder (diffusers) or .safetensors (original)")
     ex.add_argument("--format", choices=("diffusers", "original"), default="diffusers")
@@ -198,9 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--base", required=True, help="diffusers pipeline folder or one checkpoint")
     sm.add_argument("--base-config", default=None, help="named config of a single-file base")
     sm.add_argument("--tokenizer", default=None, help="tokenizer folder (single-file bases)")
-    sm.add_argument("--controlnet", action="append", required=True, help="repeat for several")
-    sm.add_argument("--image", action="append", required=True, help="one per --controlnet")
-    sm.add_argument("--prompt", required=True)
+    sm.add_argument("--controlnet", action="append", help="repeat for several; none: base alone")
+    sm.add_argument("--image", action="append", help="one per --controlnet")
+    sm.add_argument("--prompt", default=None)
+    sm.add_argument(
+        "--dataset", default=None, help="take prompts and conditions from this dataset folder"
+    )
+    sm.add_argument("--rows", type=int, default=8, help="dataset rows to sample (--dataset)")
+    sm.add_argument(
+        "--compare-base", action="store_true",
+        help="rows of condition | base alone | with the ControlNet (same noise)",
+    )  # fmt: skip
     sm.add_argument("--negative-prompt", default=None)
     sm.add_argument("--steps", type=int, default=20)
     sm.add_argument("--guidance", type=float, default=7.5)
@@ -211,6 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--num-images", type=int, default=1)
     sm.add_argument("--out", required=True, help="PNG (a grid when --num-images > 1)")
     sm.set_defaults(func=_sample)
+
+    rp = sub.add_parser(
+        "report", help="metrics.json + control_curve.png from a run's held-out evaluation"
+    )
+    rp.add_argument("--run", required=True, help="a run trained with eval.every set")
+    rp.add_argument("--out", required=True, help="folder for metrics.json and control_curve.png")
+    rp.add_argument("--min-iou", type=float, default=0.5, help="target: final IoU")
+    rp.add_argument("--min-factor", type=float, default=3.0, help="target: final / initial IoU")
+    rp.add_argument("--min-colour", type=float, default=0.9, help="target: colour adherence")
+    rp.add_argument("--seconds", type=float, default=None, help="training time to record")
+    rp.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    rp.set_defaults(func=_report)
 
     an = sub.add_parser("annotate", help="make a condition image from a photo")
     an.add_argument("name", choices=("canny", "scribble", "shuffle", "tile", "grayscale"))

@@ -25,7 +25,8 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """What is trained on top of what."""
 
-    # A diffusers pipeline folder or one original checkpoint. None: random
+    # A diffusers pipeline folder, one original checkpoint, or "bundled:tiny"
+    # (the trained 32 px demo base shipped in the package). None: random
     # weights of `architecture` (benchmarks, tests).
     base: str | None = None
     base_config: str | None = None  # named config of a single-file base: sd15 | sd21

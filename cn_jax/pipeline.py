@@ -67,7 +67,7 @@ class ControlNetPipeline:
     def from_pretrained(
         cls,
         base_path: str | os.PathLike,
-        controlnet: str | os.PathLike | Sequence[str | os.PathLike],
+        controlnet: str | os.PathLike | Sequence[str | os.PathLike] = (),
         dtype=jnp.float32,
         base_config: str | None = None,
         tokenizer: str | os.PathLike | None = None,
@@ -116,9 +116,9 @@ class ControlNetPipeline:
             arr = arr[..., None] if arr.ndim == 2 else arr
         return arr
 
-    def _size(self, first: np.ndarray, height, width) -> tuple[int, int]:
+    def _size(self, first_hw: tuple[int, int], height, width) -> tuple[int, int]:
         m = max(8, self.latent_factor)  # diffusers: a multiple of 8
-        h, w = height or first.shape[0], width or first.shape[1]
+        h, w = height or first_hw[0], width or first_hw[1]
         h2, w2 = h - h % m, w - w % m
         if (h2, w2) != (h, w):
             warnings.warn(
@@ -130,7 +130,7 @@ class ControlNetPipeline:
     def __call__(
         self,
         prompt: str | Sequence[str],
-        image: Any,
+        image: Any = None,
         negative_prompt: str | Sequence[str] | None = None,
         num_inference_steps: int = 20,
         guidance_scale: float = 7.5,
@@ -152,7 +152,9 @@ class ControlNetPipeline:
         Args:
           prompt: a string or a list of strings.
           image: the control image (PIL, array in [0, 1] or uint8, or a path),
-            or a list with one per ControlNet.
+            or a list with one per ControlNet; None for a pipeline without
+            ControlNets (the base model alone, at the UNet's sample size unless
+            height/width are given).
           latents: NHWC initial noise (B * num_images_per_prompt, h, w, C),
             scaled by the sampler's `init_noise_sigma` as diffusers does.
           output_type: "pil" (list of PIL images) or "np" (NHWC float in [0, 1]).
@@ -173,15 +175,24 @@ class ControlNetPipeline:
             negatives = list(negative_prompt)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        images = list(image) if isinstance(image, list | tuple) and n_nets > 1 else [image]
+        if n_nets == 0 and image is None:  # the base model alone
+            images = []
+        elif isinstance(image, list | tuple) and n_nets > 1:
+            images = list(image)
+        else:
+            images = [image]
         if len(images) != n_nets:
             raise ValueError(f"{len(images)} control images for {n_nets} ControlNets")
         scales = _per_net(controlnet_conditioning_scale, n_nets, "controlnet_conditioning_scale")
         starts = _per_net(control_guidance_start, n_nets, "control_guidance_start")
         ends = _per_net(control_guidance_end, n_nets, "control_guidance_end")
 
-        first = self._condition(images[0], 0, None)
-        h, w = self._size(first, height, width)
+        if images:
+            first_hw = self._condition(images[0], 0, None).shape[:2]
+        else:  # no condition to take the size from: the UNet's own
+            side = self.unet.config.sample_size * self.latent_factor
+            first_hw = (side, side)
+        h, w = self._size(first_hw, height, width)
         conds = [self._condition(img, i, (h, w)) for i, img in enumerate(images)]
         batch = len(prompts) * num_images_per_prompt
         conds = [np.broadcast_to(c, (batch, *c.shape)).copy() for c in conds]
@@ -197,12 +208,9 @@ class ControlNetPipeline:
         n_steps = len(sampler)
         # diffusers' controlnet_keep: a net acts at step i iff i/n >= start and (i+1)/n <= end.
         steps = np.arange(n_steps)
-        keep = np.stack(
-            [
-                1.0 - ((steps / n_steps < s) | ((steps + 1) / n_steps > e)).astype(np.float32)
-                for s, e in zip(starts, ends)
-            ]
-        ).astype(np.float32)  # (nets, steps)
+        keep = np.zeros((n_nets, n_steps), np.float32)  # (nets, steps)
+        for k, (s, e) in enumerate(zip(starts, ends)):
+            keep[k] = 1.0 - ((steps / n_steps < s) | ((steps + 1) / n_steps > e))
         channels = self.unet.config.in_channels
         lh, lw = h // self.latent_factor, w // self.latent_factor
         if latents is None:

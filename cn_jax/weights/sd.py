@@ -45,7 +45,19 @@ from cn_jax.weights.folders import (
 from cn_jax.weights.keymap import torch_to_flax
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-BUNDLED_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "tiny_tokenizer"
+_ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUNDLED_TOKENIZER = _ASSETS / "tiny_tokenizer"
+# Models shipped inside the package, by the name `load_pipeline` accepts.
+BUNDLED = {"bundled:tiny": _ASSETS / "tiny_base"}
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """A path, or a bundled model's folder for its name ("bundled:tiny")."""
+    if isinstance(path, str) and path.startswith("bundled:"):
+        if path not in BUNDLED:
+            raise WeightFileError(f"unknown bundled model {path!r}; bundled: {sorted(BUNDLED)}")
+        return BUNDLED[path]
+    return Path(path)
 
 
 @dataclasses.dataclass
@@ -123,7 +135,8 @@ def load_pipeline(
 
     Args:
       path: a diffusers pipeline folder, or one original checkpoint file
-        (`.safetensors`; `.ckpt` with `allow_pickle=True`).
+        (`.safetensors`; `.ckpt` with `allow_pickle=True`), or the name of a
+        bundled model: "bundled:tiny" (the demo's 32 px pixel-space base).
       config: for a single file: a named config ("sd15", "sd21"), or a dict
         with the component configs ("unet", "vae", "text_encoder",
         "scheduler"), or a diffusers pipeline folder whose configs to use.
@@ -142,7 +155,7 @@ def load_pipeline(
       WeightFileError: a missing subfolder, file or key, or a mis-shaped tensor,
         named.
     """
-    path = Path(path)
+    path = resolve_path(path)
     if not path.exists():
         raise WeightFileError(f"{path}: no such file or folder")
     if path.is_dir():
@@ -239,7 +252,7 @@ def save_pipeline(path: str | os.PathLike, sd: StableDiffusion, dtype=None) -> P
         metadata={"format": "pt"},
     )  # fmt: skip
     _write_json(te_dir / CONFIG_NAME, sd.text_encoder.config.to_dict())
-    sd.tokenizer.save_pretrained(str(path / "tokenizer"))
+    _save_tokenizer(sd.tokenizer, path / "tokenizer")
     (path / "scheduler").mkdir(exist_ok=True)
     _write_json(path / "scheduler" / "scheduler_config.json", sd.schedule.to_dict())
     index = {
@@ -256,6 +269,21 @@ def save_pipeline(path: str | os.PathLike, sd: StableDiffusion, dtype=None) -> P
     }
     _write_json(path / "model_index.json", index)
     return path
+
+
+def _save_tokenizer(tokenizer, folder: Path) -> None:
+    """`save_pretrained`, plus the slow tokenizer's vocab.json / merges.txt that
+    transformers 5 no longer writes (older transformers and diffusers read them)."""
+    import json
+
+    tokenizer.save_pretrained(str(folder))
+    fast = folder / "tokenizer.json"
+    if (folder / "vocab.json").is_file() or not fast.is_file():
+        return
+    model = json.loads(fast.read_text())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    _write_json(folder / "vocab.json", model["vocab"])
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
 def _write_json(path: Path, data: dict) -> None:
