@@ -189,7 +189,11 @@ class ControlNetPipeline:
 
         if images:
             first_hw = self._condition(images[0], 0, None).shape[:2]
+        elif height and width:
+            first_hw = (height, width)
         else:  # no condition to take the size from: the UNet's own
+            if self.unet.config.sample_size is None:
+                raise ValueError("no control image and no UNet sample_size: pass height and width")
             side = self.unet.config.sample_size * self.latent_factor
             first_hw = (side, side)
         h, w = self._size(first_hw, height, width)

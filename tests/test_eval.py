@@ -3,6 +3,7 @@ and the held-out evaluator on a tiny random model."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
@@ -178,3 +179,38 @@ def test_evaluator_zero_initialised_controlnet_equals_the_base():
     out = cnet({**params, "controlnet": cparams})
     assert set(out) == {"iou", "roundness", "colour_adherence", "background_adherence", "seconds"}
     assert all(0.0 <= out[k] <= 1.0 for k in ("iou", "roundness", "colour_adherence"))
+
+
+def test_report_summary_curve_and_sudden_convergence(tmp_path):
+    from PIL import Image
+
+    from cn_jax.eval.report import read_evals, sudden_convergence, write_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    ious = [0.08, 0.09, 0.10, 0.45, 0.55, 0.58]
+    lines = [
+        json.dumps({"step": 100 * i, "iou": v, "colour_adherence": 0.9, "roundness": 0.8})
+        for i, v in enumerate(ious)
+    ]
+    lines.insert(3, json.dumps({"step": 200, "iou": 0.0, "colour_adherence": 0.0}))  # resumed
+    (run / "eval.jsonl").write_text("\n".join(lines) + "\n")
+    evals = read_evals(run)
+    assert [e["step"] for e in evals] == [0, 100, 200, 300, 400, 500]
+    assert evals[2]["iou"] == 0.10  # the last record of a repeated step wins
+    m = write_report(run, tmp_path / "out", {"train_seconds": 1.0})
+    assert m["iou_initial"] == 0.08 and m["iou_final"] == 0.58
+    assert m["iou_gain_factor"] == pytest.approx(0.58 / 0.08)
+    jump = m["sudden_convergence"]
+    assert (jump["from_step"], jump["to_step"]) == (200, 300)
+    assert jump["share_of_gain"] == pytest.approx(0.35 / 0.50)
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["train_seconds"] == 1.0 and saved["curve"][3] == {"step": 300, "iou": 0.45}
+    Image.open(tmp_path / "out" / "control_curve.png").load()
+    assert sudden_convergence([0], [0.1]) is None
+    assert sudden_convergence([0, 1], [0.2, 0.1]) is None
+    (run / "eval.jsonl").write_text("not json\n")
+    with pytest.raises(ValueError, match="eval.jsonl:1"):
+        read_evals(run)
+    with pytest.raises(FileNotFoundError, match="eval.every"):
+        read_evals(tmp_path)

@@ -119,7 +119,30 @@ def test_sample_cli_writes_a_grid(folder, tmp_path):
             str(tmp_path / "c.png"), "--prompt", PROMPTS[0], "--steps", "2", "--num-images", "2",
             "--out", str(out)]  # fmt: skip
     assert main(args) == 0
-    assert Image.open(out).size == (2 * 96, 96)
+    assert Image.open(out).size == (2 * 96 + 2, 96)  # one row, 2 px gap
+
+
+def test_base_alone_matches_diffusers(folder):
+    """No ControlNet (the demo's "base alone" column) == StableDiffusionPipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    ref_pipe = StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, requires_safety_checker=False
+    )
+    ref_pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = ref_pipe(
+            PROMPTS, num_inference_steps=6, height=96, width=96, latents=nchw(LATENTS),
+            output_type="np", guidance_scale=5.0,
+        ).images  # fmt: skip
+    pipe = ControlNetPipeline(_ours(folder, 1).sd, [])
+    ours = pipe(
+        PROMPTS, num_inference_steps=6, latents=LATENTS, output_type="np", guidance_scale=5.0,
+        height=96, width=96,
+    )  # fmt: skip
+    err = float(np.abs(ours - ref).max())
+    print(f"pipeline[base alone] max abs err {err:.2e}")
+    assert ours.shape == ref.shape == (2, 96, 96, 3) and err <= TOL
 
 
 def test_batch_split_over_devices_and_bfloat16(folder):
