@@ -252,6 +252,12 @@ def _annotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from cn_jax.bench.report import run_command
+
+    return run_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cn-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -354,6 +360,41 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--encoder", choices=("released", "paper"), default="released")
     init.add_argument("--allow-pickle", action="store_true")
     init.set_defaults(func=_init_controlnet)
+
+    bench = sub.add_parser(
+        "bench", help="benchmarks: train step, ControlNet vs fine-tuning, sampling"
+    )
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bench_help = {
+        "train": "the train step of a config on a synthetic batch: time, FLOPs, memory",
+        "compare": "the ControlNet step vs fine-tuning the UNet, interleaved: ratios",
+        "sample": "sampler steps/s and images/s with CFG and 1 or 2 ControlNets",
+    }
+    for name, help_ in bench_help.items():
+        b = bench_sub.add_parser(name, help=help_)
+        b.add_argument("--config", required=True, help="YAML config (e.g. configs/sd15-shape.yaml)")
+        b.add_argument("overrides", nargs="*", help="section.key=value overrides")
+        b.add_argument(
+            "--steps", type=int, default=20 if name == "sample" else 10,
+            help="sampler steps per image" if name == "sample" else "timed train steps",
+        )  # fmt: skip
+        b.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+        b.add_argument("--json", default=None, help="write the result as JSON here")
+        if name == "sample":
+            b.add_argument("--batch", type=int, default=1, help="images per run")
+            b.add_argument("--controlnets", type=int, choices=(1, 2), default=1)
+            b.add_argument("--sampler", default="ddim", help="ddim, euler, euler_a, dpmpp_2m...")
+            b.add_argument("--guidance", type=float, default=7.5, help="CFG scale (> 1)")
+            b.add_argument("--repeats", type=int, default=3, help="timed sampling runs")
+        else:
+            b.add_argument(
+                "--devices", type=int, default=1, help="devices to use (0: all); default 1"
+            )
+            b.add_argument(
+                "--no-run", action="store_true",
+                help="compile only: FLOPs and memory without running (no weights materialised)",
+            )  # fmt: skip
+        b.set_defaults(func=_bench)
     return parser
 
 

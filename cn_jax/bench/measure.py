@@ -1,0 +1,157 @@
+"""Measuring compiled programs: XLA's FLOP and memory counts, wall time, device peaks.
+
+Everything here reads what XLA already knows about an ahead-of-time compiled
+program (`jit(f).lower(...).compile()`): `cost_analysis()` gives the FLOPs of
+the per-device program and `memory_analysis()` the sizes of its buffers, both
+without running anything. Wall time is measured per call with the result
+blocked on, so a timed call includes everything the device does for it.
+
+Caveats (written here once, quoted by the reports):
+- XLA counts a loop body (`lax.scan` / `while`) once, not once per trip: a
+  program with `train.grad_accum > 1` or a sampling loop is undercounted.
+- With several devices the compiled program is the per-device (SPMD) one, so
+  its FLOPs and bytes are per device.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+
+# Dense (no sparsity) peak TFLOP/s by compute dtype, keyed by a substring of
+# `device.device_kind`; the first matching row wins, so specific names (PCIe,
+# NVL) come before the family name. float32 is left unknown on purpose: XLA
+# may run float32 matmuls as TF32 (GPU) or bf16 passes (TPU) depending on the
+# matmul precision, so there is no single float32 peak to divide by.
+PEAK_TFLOPS: tuple[tuple[str, Mapping[str, float]], ...] = (
+    ("H100 PCIe", {"bfloat16": 756.0}),
+    ("H100 NVL", {}),  # not in the table: unknown
+    ("H100", {"bfloat16": 989.0}),  # SXM
+    ("H200", {"bfloat16": 989.0}),
+    ("A100", {"bfloat16": 312.0}),
+    ("TPU v4", {"bfloat16": 275.0}),
+    ("TPU v5 lite", {"bfloat16": 197.0}),  # v5e
+    ("TPU v5", {"bfloat16": 459.0}),  # v5p
+    ("TPU v6 lite", {"bfloat16": 918.0}),  # v6e
+)
+
+
+def peak_tflops(device_kind: str, precision: str) -> float | None:
+    """The device's dense peak TFLOP/s at `precision` ("bfloat16", "float32"), or None."""
+    for name, peaks in PEAK_TFLOPS:
+        if name.lower() in device_kind.lower():
+            return peaks.get(precision)
+    return None
+
+
+def program_flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled program (per device), by XLA's cost analysis."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if isinstance(cost, list | tuple):  # older JAX: one dict per program
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def program_memory(compiled) -> dict[str, int | None]:
+    """Buffer sizes of a compiled program (per device) and an estimate of its peak.
+
+    `peak_estimate_bytes` = arguments + outputs - aliased (donated) +
+    temporaries + generated code. The temporaries are one allocation already
+    packed by live range, so this is the program's peak, slightly high where
+    an output is not live for the whole call. `xla_peak_bytes` is what the
+    backend calls its peak (on CPU it leaves the temporaries out: informative
+    only).
+    """
+    try:
+        m = compiled.memory_analysis()
+    except Exception:
+        m = None
+    if m is None:
+        return {}
+    out = {
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+        "alias_bytes": int(m.alias_size_in_bytes),
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "generated_code_bytes": int(m.generated_code_size_in_bytes),
+    }
+    peak = (
+        out["argument_bytes"]
+        + out["output_bytes"]
+        - out["alias_bytes"]
+        + out["temp_bytes"]
+        + out["generated_code_bytes"]
+    )
+    xla_peak = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
+    out["xla_peak_bytes"] = xla_peak or None
+    out["peak_estimate_bytes"] = peak
+    return out
+
+
+def device_peak_bytes(devices) -> int | None:
+    """Largest `peak_bytes_in_use` over `devices` since the process started (GPU, TPU).
+
+    None where the backend keeps no statistics (CPU). The counter never resets,
+    so it covers everything the process ran, not one program.
+    """
+    peaks = []
+    for d in devices:
+        try:
+            stats = d.memory_stats()
+        except Exception:
+            stats = None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """(seconds, result) of one call, waiting until the result is computed."""
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return time.perf_counter() - t0, out
+
+
+def interleave(runners: Mapping[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Run each runner once per round, in turn (A, B, A, B, ...); seconds per call.
+
+    Interleaving spreads slow phases of a shared machine (another job, clock
+    changes, thermal limits) over every side instead of one.
+    """
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            times[name].append(float(run()))
+    return times
+
+
+def median(xs) -> float | None:
+    xs = list(xs)
+    return float(statistics.median(xs)) if xs else None
+
+
+def ratio(a, b) -> float | None:
+    """a / b, or None when either is unknown (or b is 0)."""
+    if a is None or b is None or b == 0:
+        return None
+    return float(a) / float(b)
+
+
+def device_info(devices) -> dict[str, Any]:
+    """Platform, device kind and count, and the persistent compilation cache in use
+    (compile times read from it are cache hits, not compilations)."""
+    d = devices[0]
+    return {
+        "platform": d.platform,
+        "device_kind": d.device_kind,
+        "devices": len(devices),
+        "compilation_cache": jax.config.jax_compilation_cache_dir or None,
+    }

@@ -1,0 +1,223 @@
+"""Sampling speed: sampler steps per second with CFG and one or two ControlNets.
+
+Three programs, each compiled ahead of time and timed on its own: the text
+encoder (prompts and the empty negative prompt in one batch), the denoising
+loop (`cn_jax.diffusion.guidance.denoise`: one `lax.scan` whose step runs each
+ControlNet and the UNet on the 2B batch of the CFG pair, then the sampler
+step) and the VAE decode. it/s counts loop steps only, as diffusers' progress
+bar does; images/s divides the batch by the sum of the three. (`cn-jax sample`
+fuses the three into one program; its time is about that sum.)
+
+Weights are stored in the compute dtype (`train.precision`), as a bfloat16
+inference deployment would keep them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cn_jax.bench import measure
+from cn_jax.config import Config
+from cn_jax.diffusion.guidance import denoise
+from cn_jax.diffusion.samplers import make_sampler
+from cn_jax.models.controlnet import ControlNet, init_controlnet_from_unet
+from cn_jax.train.loop import controlnet_config
+
+PROMPT = "a red circle on a blue background"  # fits the tiny model's 16 tokens
+
+
+def _load(config: Config, dtype):
+    from cn_jax.weights.sd import load_pipeline, random_pipeline
+
+    m = config.model
+    if m.base is None:
+        return random_pipeline(
+            m.architecture, seed=config.train.seed, tokenizer=m.tokenizer, dtype=dtype,
+            param_dtype=dtype,
+        )  # fmt: skip
+    return load_pipeline(
+        m.base, config=m.base_config, tokenizer=m.tokenizer, dtype=dtype, param_dtype=dtype
+    )
+
+
+def _controlnets(config: Config, sd, n: int, dtype) -> list[tuple[ControlNet, Any]]:
+    """`n` ControlNets for the base: the config's file, or copies of the base UNet."""
+    if config.model.controlnet:
+        from cn_jax.weights.folders import load_controlnet
+
+        net, params = load_controlnet(config.model.controlnet, dtype=dtype)
+        nets = [(net, params)] * n
+    else:
+        lf = 1 if sd.vae is None else sd.vae.config.latent_factor
+        ccfg = controlnet_config(config, sd.unet.config, lf)
+        nets = [
+            (
+                ControlNet(ccfg, dtype=dtype, param_dtype=dtype),
+                init_controlnet_from_unet(
+                    sd.unet_params, ccfg, jax.random.PRNGKey(config.train.seed + 1 + k), dtype
+                ),
+            )
+            for k in range(n)
+        ]
+    cast = lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), t)  # noqa: E731
+    return [(net.clone(dtype=dtype), cast(p)) for net, p in nets]
+
+
+class SampleBench:
+    """The compiled text, loop and decode programs of one sampling configuration.
+
+    Attributes:
+      compile_s: seconds to lower + compile each program ("decode" None without a VAE).
+      memory: `measure.program_memory` of the loop program.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        batch: int = 1,
+        steps: int = 20,
+        controlnets: int = 1,
+        sampler: str = "ddim",
+        guidance_scale: float = 7.5,
+        seed: int = 0,
+    ):
+        if controlnets not in (1, 2):
+            raise ValueError(f"controlnets={controlnets}: expected 1 or 2")
+        self.config, self.batch, self.steps = config, batch, steps
+        self.n_nets, self.sampler_name, self.guidance_scale = controlnets, sampler, guidance_scale
+        dtype = jnp.bfloat16 if config.train.precision == "bfloat16" else jnp.float32
+        self.device = jax.devices()[0]
+
+        # == Models and inputs ==
+        t0 = time.perf_counter()
+        sd = _load(config, dtype)
+        nets = _controlnets(config, sd, controlnets, dtype)
+        unet, te, vae = sd.unet.clone(dtype=dtype), sd.text_encoder.clone(dtype=dtype), sd.vae
+        lf = 1 if vae is None else vae.config.latent_factor
+        r = config.data.resolution
+        cfg = guidance_scale > 1.0
+        self.sampler = make_sampler(sampler, sd.schedule, steps)
+        rng = np.random.default_rng(seed)
+        from cn_jax.tokenizer import tokenize
+
+        max_len = te.config.max_position_embeddings
+        prompts = [PROMPT] * batch + ([""] * batch if cfg else [])
+        self.ids = jnp.asarray(tokenize(sd.tokenizer, prompts, max_len))
+        self.conds = [
+            jnp.asarray(rng.uniform(0, 1, (batch, r, r, n.config.conditioning_channels)), "float32")
+            for n, _ in nets
+        ]
+        latents = rng.standard_normal((batch, r // lf, r // lf, unet.config.in_channels))
+        self.latents = jnp.asarray(latents * float(self.sampler.init_noise_sigma), jnp.float32)
+        self.rng = jax.random.PRNGKey(seed)
+        self.params = {
+            "unet": sd.unet_params,
+            "text_encoder": sd.text_encoder_params,
+            "vae": sd.vae_params,
+            "controlnets": [p for _, p in nets],
+        }
+        modules = [n for n, _ in nets]
+        scaling = vae.config.scaling_factor if vae is not None else 1.0
+
+        def encode(p, ids):
+            ctx = te.apply({"params": p}, ids)[0]
+            return (ctx[:batch], ctx[batch:]) if cfg else (ctx, None)
+
+        def loop(unet_p, nets_p, conds, ctx, uctx, latents, sampler, rng):
+            triples = [(m, p, c, 1.0) for m, p, c in zip(modules, nets_p, conds)]
+            return denoise(unet, unet_p, triples, ctx, uctx, latents, sampler, guidance_scale, rng)
+
+        def decode(p, x):
+            x = vae.apply({"params": p}, x / scaling, method="decode")
+            return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+        self.setup_s = time.perf_counter() - t0
+
+        # == Compile each program ahead of time ==
+        self.compile_s: dict[str, float | None] = {}
+
+        def compile_(name, fn, *args):
+            t = time.perf_counter()
+            compiled = jax.jit(fn).lower(*args).compile()
+            self.compile_s[name] = time.perf_counter() - t
+            return compiled
+
+        self._encode = compile_("text", encode, self.params["text_encoder"], self.ids)
+        self.ctx, self.uctx = self._encode(self.params["text_encoder"], self.ids)
+        self._loop = compile_("loop", loop, *self._loop_args())
+        self.memory = measure.program_memory(self._loop)
+        self._decode = None
+        self.compile_s["decode"] = None
+        if vae is not None:
+            self._decode = compile_("decode", decode, self.params["vae"], self.latents)
+
+    def _loop_args(self):
+        p = self.params
+        return (p["unet"], p["controlnets"], self.conds, self.ctx, self.uctx, self.latents,
+                self.sampler, self.rng)  # fmt: skip
+
+    def run_text(self) -> float:
+        return measure.timed(lambda: self._encode(self.params["text_encoder"], self.ids))[0]
+
+    def run_loop(self) -> float:
+        """One full denoising loop (`steps` sampler steps); seconds."""
+        seconds, self.final = measure.timed(lambda: self._loop(*self._loop_args()))
+        return seconds
+
+    def run_decode(self) -> float:
+        if self._decode is None:
+            return 0.0
+        return measure.timed(lambda: self._decode(self.params["vae"], self.final))[0]
+
+    def summary(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "architecture": c.model.architecture if c.model.base is None else c.model.base,
+            "precision": c.train.precision,
+            "resolution": c.data.resolution,
+            "batch": self.batch,
+            "steps": self.steps,
+            "controlnets": self.n_nets,
+            "sampler": self.sampler_name,
+            "guidance_scale": self.guidance_scale,
+            **measure.device_info([self.device]),
+            "setup_s": self.setup_s,
+            "compile_s": dict(self.compile_s),
+            "compile_total_s": sum(v for v in self.compile_s.values() if v),
+            "memory": self.memory,
+        }
+
+
+def bench_sample(
+    config: Config,
+    steps: int = 20,
+    batch: int = 1,
+    controlnets: int = 1,
+    sampler: str = "ddim",
+    guidance_scale: float = 7.5,
+    repeats: int = 3,
+    warmup: int = 1,
+) -> dict[str, Any]:
+    """Time `repeats` sampling runs of `steps` steps (after `warmup` untimed ones)."""
+    b = SampleBench(config, batch, steps, controlnets, sampler, guidance_scale)
+    runners = {"text": b.run_text, "loop": b.run_loop, "decode": b.run_decode}
+    measure.interleave(runners, warmup)
+    times = measure.interleave(runners, repeats)
+    text, loop, dec = (measure.median(times[k]) for k in ("text", "loop", "decode"))
+    out = {"bench": "sample", **b.summary()}
+    out.update(
+        repeats=repeats,
+        loop_s=loop,
+        loop_times_s=times["loop"],
+        text_s=text,
+        decode_s=dec,
+        it_per_s=steps / loop,
+        images_per_s=batch / (text + loop + dec),
+        device_peak_bytes_in_use=measure.device_peak_bytes([b.device]),
+    )
+    return out

@@ -1,0 +1,217 @@
+"""Benchmark harness (`cn-jax bench`, scripts/bench_*): every command runs on the tiny
+config and reports what it documents. Tested for running, never for speed."""
+
+import importlib.util
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cn_jax.bench import measure
+from cn_jax.bench.report import format_result, summary_table
+from cn_jax.bench.train import devices_for, synthetic_batch
+from cn_jax.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = str(ROOT / "configs" / "bench-small.yaml")
+
+
+def _run(tmp_path, name, argv):
+    out = tmp_path / f"{name}.json"
+    assert main(["bench", *argv, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def compare(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    return _run(
+        tmp, "compare", ["compare", "--config", SMALL, "train.batch_size=4", "--steps", "2"]
+    )
+
+
+def test_train_step_on_all_devices_without_cache(tmp_path, capsys):
+    # The token-id path (text encoder in the step), batch split over 8 devices.
+    r = _run(tmp_path, "train", ["train", "--config", SMALL, "train.batch_size=8",
+             "data.cache_latents=false", "--devices", "0", "--steps", "2"])  # fmt: skip
+    assert r["bench"] == "train" and r["devices"] == 8 and r["platform"] == "cpu"
+    assert r["steps"] == 2 and len(r["step_times_s"]) == 2
+    assert r["step_time_s"] == statistics.median(r["step_times_s"])
+    assert r["compile_s"] > 0 and r["flops_per_step"] > 0 and r["step_time_s"] > 0
+    assert math.isclose(r["samples_per_s"], 8 / r["step_time_s"])
+    assert math.isclose(r["tflops_per_s"], r["flops_per_step"] / r["step_time_s"] / 1e12)
+    assert r["peak_tflops"] is None and r["fraction_of_peak"] is None  # CPU: unknown
+    m = r["memory"]
+    assert m["peak_estimate_bytes"] == (
+        m["argument_bytes"] + m["output_bytes"] - m["alias_bytes"] + m["temp_bytes"]
+        + m["generated_code_bytes"]
+    )  # fmt: skip
+    assert m["alias_bytes"] > 0  # the state is donated
+    assert math.isfinite(r["loss"]) and r["cache_latents"] is False
+    assert r["params_trainable"] > 0 and r["params_frozen"] > r["params_trainable"]
+    assert "samples / s" in capsys.readouterr().out
+
+
+def test_compare_reports_ratios_of_its_sides(compare, capsys):
+    cn, ft = compare["controlnet"], compare["finetune"]
+    assert cn["trainable"] == "controlnet" and ft["trainable"] == "unet"
+    assert compare["interleaved"] is True
+    for side in (cn, ft):
+        assert len(side["step_times_s"]) == 2 and side["step_time_s"] > 0
+        assert side["flops_per_step"] > 0 and side["memory"]["peak_estimate_bytes"] > 0
+    assert compare["flops_ratio"] == cn["flops_per_step"] / ft["flops_per_step"]
+    assert compare["time_ratio"] == cn["step_time_s"] / ft["step_time_s"]
+    assert compare["memory_ratio"] == (
+        cn["memory"]["peak_estimate_bytes"] / ft["memory"]["peak_estimate_bytes"]
+    )
+    # The ControlNet step trains fewer parameters and skips the UNet encoder's
+    # weight gradients: fewer FLOPs than fine-tuning, even on the tiny model.
+    assert 0.5 < compare["flops_ratio"] < 1.0
+    assert compare["paper"] == {"memory_ratio": 1.23, "time_ratio": 1.34}
+    assert "ratio" in format_result(compare)
+
+
+def test_compare_compile_only_matches_the_run(compare, tmp_path):
+    r = _run(tmp_path, "cmp", ["compare", "--config", SMALL, "train.batch_size=4", "--no-run"])
+    assert r["interleaved"] is False and r["time_ratio"] is None
+    assert "step_time_s" not in r["controlnet"]
+    # The same programs, compiled without any weight in memory.
+    assert r["flops_ratio"] == compare["flops_ratio"]
+    assert r["memory_ratio"] == compare["memory_ratio"]
+
+
+def test_compare_needs_a_controlnet(capsys):
+    argv = ["bench", "compare", "--config", SMALL, "train.trainable=unet", "--no-run"]
+    assert main(argv) == 2
+    assert "trainable" in capsys.readouterr().err
+
+
+def test_sample_two_controlnets(tmp_path):
+    r = _run(tmp_path, "sample", ["sample", "--config", SMALL, "--steps", "2", "--batch", "2",
+             "--controlnets", "2", "--repeats", "2"])  # fmt: skip
+    assert r["bench"] == "sample" and r["controlnets"] == 2 and r["batch"] == 2
+    assert len(r["loop_times_s"]) == 2 and r["loop_s"] > 0
+    assert math.isclose(r["it_per_s"], 2 / r["loop_s"])
+    assert math.isclose(r["images_per_s"], 2 / (r["text_s"] + r["loop_s"] + r["decode_s"]))
+    assert r["compile_s"]["loop"] > 0 and r["compile_s"]["text"] > 0
+    assert r["compile_s"]["decode"] is None and r["decode_s"] == 0  # tiny: no VAE
+    assert r["memory"]["peak_estimate_bytes"] > 0
+    # One summary line per result file.
+    table = summary_table([r, r])
+    assert len(table.splitlines()) == 4 and "it/s" in table  # device, header, 2 rows
+
+
+def test_synthetic_batch_ranges():
+    import jax
+    import numpy as np
+
+    s = jax.ShapeDtypeStruct
+    spec = {
+        "pixel_values": s((2, 8, 8, 3), np.float32),
+        "conditioning_pixel_values": s((2, 8, 8, 1), np.float32),
+        "input_ids": s((2, 5), np.int32),
+        "latent_logvar": s((2, 1, 1, 4), np.float32),
+    }
+    b = synthetic_batch(spec, vocab_size=7)
+    assert {k: (v.shape, v.dtype) for k, v in b.items()} == {
+        k: (v.shape, v.dtype) for k, v in spec.items()
+    }
+    assert -1 <= b["pixel_values"].min() and b["pixel_values"].max() <= 1
+    assert 0 <= b["conditioning_pixel_values"].min() <= b["conditioning_pixel_values"].max() <= 1
+    assert 0 <= b["input_ids"].min() and b["input_ids"].max() < 7
+
+
+def test_peak_table():
+    assert measure.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
+    assert measure.peak_tflops("NVIDIA H200", "bfloat16") == 989.0
+    assert measure.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+    assert measure.peak_tflops("NVIDIA A100-SXM4-40GB", "bfloat16") == 312.0
+    assert measure.peak_tflops("NVIDIA H100 80GB HBM3", "float32") is None
+    assert measure.peak_tflops("cpu", "bfloat16") is None
+    with pytest.raises(ValueError, match="devices"):
+        devices_for(10_000)
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("bench_vs_diffusers", ROOT / "scripts" /
+                                                  "bench_vs_diffusers.py")  # fmt: skip
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_vs_diffusers_tiny(tmp_path, capsys):
+    out = tmp_path / "vs.json"
+    script = _script()
+    argv = ["--config", SMALL, "--batch", "2", "--steps", "1", "--tasks", "controlnet",
+            "--threads", "1", "--json", str(out)]  # fmt: skip
+    assert script.main(argv) == 0
+    r = json.loads(out.read_text())
+    assert r["batch"] == 2 and r["resolution"] == 32 and r["threads"] == 1
+    # (ours sampling: test_sample_two_controlnets; theirs: a test below)
+    assert "sample" not in r and "finetune" not in r
+    t = r["controlnet"]
+    assert t["ours_s"] > 0 and t["theirs_s"] > 0
+    assert t["time_ratio"] == t["ours_s"] / t["theirs_s"]
+    assert t["ours_peak_rss_bytes"] is None  # one process: not split per side
+    assert t["ours_info"]["flops_per_step"] > 0
+    assert "ours/theirs" in capsys.readouterr().out
+
+
+def test_bench_vs_diffusers_ratios():
+    script = _script()
+    args = script.parse_args(["--tasks", "controlnet,finetune", "--isolate"])
+    times = {"controlnet": {"ours": [1.0, 3.0], "theirs": [4.0]},
+             "finetune": {"ours": [4.0], "theirs": [5.0]}}  # fmt: skip
+    peaks = {("controlnet", "ours"): 3, ("controlnet", "theirs"): 4, ("finetune", "ours"): 6,
+             ("finetune", "theirs"): 5}  # fmt: skip
+    rss = {(*k, "peak_rss_bytes"): v for k, v in peaks.items()}
+    spec = {"batch": 1, "resolution": 8, "precision": "float32"}
+    r = script.summarize(args, spec, {"times": times, "info": {}, "rss": rss})
+    assert r["controlnet"]["ours_s"] == 2.0 and r["controlnet"]["time_ratio"] == 0.5
+    assert r["controlnet"]["rss_ratio"] == 0.75 and r["controlnet"]["steps_rss_ratio"] is None
+    c = r["controlnet_vs_finetune"]
+    assert c["ours"] == {"time_ratio": 0.5, "rss_ratio": 0.5, "steps_rss_ratio": None}
+    assert c["theirs"]["time_ratio"] == 0.8 and c["theirs"]["rss_ratio"] == 0.8
+    assert "ControlNet / fine-tune" in script.format_summary(r)
+
+
+@pytest.mark.slow  # about 15 s of compiling sub-programs; -m "not slow" skips it
+def test_profile_parts(capsys):
+    from cn_jax.bench.profile import main as profile_main
+
+    assert profile_main(["--config", SMALL, "train.batch_size=4", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for part in ("step (fused)", "forward", "backward", "optimizer"):
+        assert part in out
+
+
+def test_bench_vs_diffusers_child_reports_rss(tmp_path, capsys):
+    # One side alone, as --isolate runs it in a subprocess (here: in this process).
+    script = _script()
+    from cn_jax.config import load_config
+
+    config = load_config(SMALL, ["train.batch_size=2"])
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(script.torch_spec(config)))
+    argv = ["--config", SMALL, "--batch", "2", "--sample-steps", "2", "--repeats", "2",
+            "--only", "theirs:sample", "--spec", str(spec_file), "--threads", "1"]  # fmt: skip
+    assert script.main(argv) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("RESULT ")][0]
+    r = json.loads(line[len("RESULT ") :])
+    assert len(r["times"]) == 2 and min(r["times"]) > 0  # --repeats sampling loops
+    assert r["peak_rss_bytes"] >= r["steps_peak_rss_bytes"] > 0
+
+
+def test_bench_gpu_script_parses():
+    subprocess.run(["bash", "-n", str(ROOT / "scripts" / "bench_gpu.sh")], check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "cn_jax.cli", "bench", "sample", "--help"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    for flag in ("--steps", "--batch", "--controlnets", "--json"):
+        assert flag in out.stdout
