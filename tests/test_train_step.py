@@ -172,11 +172,23 @@ def test_one_device_equals_eight_devices():
     _assert_same_updates(one[0], eight[0], one[2], rtol=1e-4)
 
 
-def test_ema_tracks_params():
-    state = _run(ema_decay=0.5, steps=1)[0]
-    p, e = _leaves(state.params), _leaves(state.ema_params)
-    k = next(k for k in p if "controlnet_mid_block" in k and k.endswith("kernel"))
-    np.testing.assert_allclose(e[k], 0.5 * p[k], rtol=1e-6, atol=1e-9)  # from a zero init
+def test_ema_tracks_params_with_warmup():
+    from cn_jax.train.step import ema_decay_at
+
+    # diffusers' EMAModel: 0, then min(decay, (1 + s) / (10 + s)) with s = step - 1.
+    assert [float(ema_decay_at(n, 0.999)) for n in (1, 2, 3)] == pytest.approx(
+        [0.0, 2 / 11, 3 / 12]
+    )
+    assert float(ema_decay_at(100_000, 0.999)) == pytest.approx(0.999)
+    one = _run(ema_decay=0.5, steps=1)[0]
+    two = _run(ema_decay=0.5, steps=2)[0]
+    p1, e1 = _leaves(one.params), _leaves(one.ema_params)
+    p2, e2 = _leaves(two.params), _leaves(two.ema_params)
+    k = next(k for k in p1 if "controlnet_mid_block" in k and k.endswith("kernel"))
+    np.testing.assert_array_equal(e1[k], p1[k])  # step 1: the EMA is the trained weights
+    d = 2 / 11  # min(0.5, 2 / 11)
+    np.testing.assert_allclose(e2[k], d * p1[k] + (1 - d) * p2[k], rtol=1e-5, atol=1e-9)
+    assert not np.array_equal(e2[k], p2[k])
 
 
 def test_merge_inverts_split():

@@ -129,6 +129,16 @@ def loss_fn(
     return loss, {"loss": loss}
 
 
+def ema_decay_at(step: jax.Array | int, decay: float) -> jax.Array:
+    """The EMA decay used after optimizer step `step` (1-based), as diffusers'
+    `EMAModel` (no power warmup): 0 at step 1 (the EMA starts at the trained
+    weights, not the initial ones), then min(decay, (1 + s) / (10 + s)) with
+    s = step - 1. A fixed decay from step 1 would keep decay**n of the initial
+    weights in the average (37% after 1,000 steps at 0.999)."""
+    s = jnp.asarray(step, jnp.float32) - 1.0
+    return jnp.where(s <= 0, 0.0, jnp.minimum(decay, (1.0 + s) / (10.0 + s)))
+
+
 def make_train_step(
     models: StepModels,
     alphas_cumprod: np.ndarray,
@@ -172,9 +182,8 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema_decay is not None:
-            ema = jax.tree_util.tree_map(
-                lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params
-            )
+            d = ema_decay_at(state.step + 1, ema_decay)
+            ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema
