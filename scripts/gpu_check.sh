@@ -2,8 +2,9 @@
 # The device check for a session lent a GPU (run from the repository root with
 # the GPU machine's preinstalled JAX): the GPU-marked tests (the GPU's own
 # kernels in float32 and bfloat16 against the CPU result) and a few real train
-# steps (tiny config, float32 and bfloat16). Later issues add the benchmark
-# script. Record the card, date and figures in docs/benchmarks.md.
+# steps (tiny config, float32 and bfloat16), then the benchmark script
+# (scripts/bench_gpu.sh, SD 1.5 shape at 512 px in bfloat16; BENCH_BUDGET_S,
+# default 300 s). Record the card, date and figures in docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
@@ -21,3 +22,4 @@ for precision in float32 bfloat16; do
   python3 -m cn_jax.cli train --config configs/tiny.yaml --workdir "$out/run_$precision" \
     data.path="$out/fill50k" train.max_steps=20 train.log_every=5 train.precision=$precision
 done
+BUDGET_S="${BENCH_BUDGET_S:-300}" OUT="$out" bash scripts/bench_gpu.sh
