@@ -193,7 +193,8 @@ def test_report_summary_curve_and_sudden_convergence(tmp_path):
         json.dumps({"step": 100 * i, "iou": v, "colour_adherence": 0.9, "roundness": 0.8})
         for i, v in enumerate(ious)
     ]
-    lines.insert(3, json.dumps({"step": 200, "iou": 0.0, "colour_adherence": 0.0}))  # resumed
+    # A run evaluated step 200, stopped before its checkpoint, resumed and evaluated it again.
+    lines.insert(2, json.dumps({"step": 200, "iou": 0.0, "colour_adherence": 0.0}))
     (run / "eval.jsonl").write_text("\n".join(lines) + "\n")
     evals = read_evals(run)
     assert [e["step"] for e in evals] == [0, 100, 200, 300, 400, 500]
