@@ -51,7 +51,7 @@ CN=.venv/bin/cn-jax
 # Per mode: dataset size, training overrides, sampled rows.
 case "$MODE" in
   default) NUM=10000; ROWS=8; TRAIN=() ;;
-  long)    NUM=50000; ROWS=8; TRAIN=(train.max_steps=3000 eval.every=100 train.checkpoint_every=500) ;;
+  long)    NUM=50000; ROWS=8; TRAIN=(train.max_steps=4000 eval.every=100 train.checkpoint_every=500) ;;
   quick)   NUM=64;    ROWS=2; TRAIN=(train.max_steps=2 train.batch_size=8 train.checkpoint_every=2
                                eval.every=1 eval.samples=2 eval.sampler_steps=2) ;;
 esac
