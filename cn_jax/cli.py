@@ -219,6 +219,8 @@ def _report(args: argparse.Namespace) -> int:
         f"{m['iou_final']:.3f} (step {m['final_step']}); colour kept "
         f"{100 * m['colour_adherence']:.0f}%"
     )
+    if "iou_chance" in m:
+        print(f"chance level (perfect circles in random places): IoU {m['iou_chance']:.3f}")
     if jump is not None:
         print(
             f"largest jump: IoU {jump['iou_before']:.3f} -> {jump['iou_after']:.3f} between "

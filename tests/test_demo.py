@@ -25,7 +25,7 @@ def test_demo_quick_writes_every_output(tmp_path):
         assert stage in proc.stdout
 
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("iou_initial", "iou_final", "colour_adherence"):
+    for key in ("iou_initial", "iou_final", "colour_adherence", "iou_chance"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert [c["step"] for c in metrics["curve"]] == [0, 1, 2]
     assert set(metrics["targets"]) and metrics["train_seconds"] >= 0

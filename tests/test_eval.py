@@ -215,3 +215,11 @@ def test_report_summary_curve_and_sudden_convergence(tmp_path):
         read_evals(run)
     with pytest.raises(FileNotFoundError, match="eval.every"):
         read_evals(tmp_path)
+
+
+def test_chance_iou_is_the_mean_iou_of_other_samples_disks():
+    from cn_jax.eval.control import chance_iou
+
+    c = chance_iou(16, 32)
+    assert 0.2 < c < 0.4  # big disks in a small image overlap a lot
+    assert chance_iou(1, 32) != chance_iou(1, 32)  # nan: no pair

@@ -50,6 +50,18 @@ def held_out_set(num: int, size: int, seed: int = HELD_OUT_SEED) -> HeldOut:
     )
 
 
+def chance_iou(num: int, size: int, seed: int = HELD_OUT_SEED) -> float:
+    """Mean IoU between the true disks of different held-out samples: what a
+    model drawing perfect circles in the wrong places scores. About 0.30 for
+    fill50k at 32 px (radii up to 0.4 of the side make big disks overlap)."""
+    from cn_jax.eval.circles import disk_mask, iou
+
+    truths = [fill50k_truth(i, size, seed) for i in range(num)]
+    masks = [disk_mask((size, size), t.center, t.radius) for t in truths]
+    pairs = [iou(a, b) for i, a in enumerate(masks) for j, b in enumerate(masks) if i != j]
+    return float(np.mean(pairs)) if pairs else float("nan")
+
+
 def to_uint8(x: np.ndarray) -> np.ndarray:
     """Model-space images in [-1, 1] -> uint8 RGB."""
     return np.clip(np.rint((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)

@@ -151,6 +151,13 @@ def write_report(run: str | Path, out: str | Path, extra: dict[str, Any] | None 
     """
     evals = read_evals(run)
     metrics = summarize(evals)
+    config = Path(run) / "config.yaml"
+    if config.is_file():  # the held-out set's chance level, for reading the IoUs
+        from cn_jax.config import load_config
+        from cn_jax.eval.control import chance_iou
+
+        c = load_config(config)
+        metrics["iou_chance"] = chance_iou(c.eval.samples, c.data.resolution)
     if extra:
         metrics.update(extra)
     out = Path(out)
