@@ -143,7 +143,10 @@ def _sample(args: argparse.Namespace) -> int:
     rows = []
     from tqdm.auto import tqdm
 
-    for prompt, cond in tqdm(jobs, desc="sample", unit="row", disable=len(jobs) < 2):
+    for row, (prompt, cond) in enumerate(
+        tqdm(jobs, desc="sample", unit="row", disable=len(jobs) < 2)
+    ):
+        options["seed"] = args.seed + row  # each row its own noise, shared by its columns
         out = pipe(prompt, cond, **options)
         if base is None:
             rows.append(out)

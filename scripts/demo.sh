@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The embedded default, from a fresh clone: a ControlNet learns control on a CPU.
 #
-#   bash scripts/demo.sh            # ~10 min on 2 CPU cores (packages cached)
+#   bash scripts/demo.sh            # ~16 min on one CPU core (packages cached)
 #   bash scripts/demo.sh --long     # about an hour: a longer run, a higher IoU
 #   bash scripts/demo.sh --quick    # seconds of training: checks the plumbing (the tests use it)
 #   bash scripts/demo.sh --out DIR  # write somewhere else than runs/demo
