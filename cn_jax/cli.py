@@ -187,19 +187,15 @@ def _as_pil(image, size):
 
 
 def _save_rows(rows: list, path: str) -> None:
-    """One PNG: a grid with one row per job (2 px white gaps)."""
-    from PIL import Image
-
-    w, h = rows[0][0].size
-    cols, gap = max(len(r) for r in rows), 2
-    grid = Image.new("RGB", (cols * (w + gap) - gap, len(rows) * (h + gap) - gap), "white")
-    for r, row in enumerate(rows):
-        for c, im in enumerate(row):
-            grid.paste(im.convert("RGB"), (c * (w + gap), r * (h + gap)))
+    """One PNG: a grid with one row per job (`validation.grid`: 2 px white gaps)."""
     from pathlib import Path
 
+    import numpy as np
+
+    from cn_jax.train.validation import grid
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    grid([[np.asarray(im.convert("RGB")) for im in row] for row in rows]).save(path)
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -362,9 +362,14 @@ def _write_folder(path: Path, config_dict: dict, state: dict[str, np.ndarray]) -
     path.mkdir(parents=True, exist_ok=True)
     config_dict = {**config_dict, "_diffusers_version": DIFFUSERS_COMPAT_VERSION}
     write_safetensors(path / f"{WEIGHTS_NAME}.safetensors", state, metadata={"format": "pt"})
-    tmp = path / f".{CONFIG_NAME}.tmp"
-    tmp.write_text(json.dumps(config_dict, indent=2) + "\n")
-    os.replace(tmp, path / CONFIG_NAME)
+    write_json(path / CONFIG_NAME, config_dict)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write `data` as indented JSON atomically (a temporary file, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def save_unet(path: str | os.PathLike, unet: UNet, params: Any, dtype=None) -> None:

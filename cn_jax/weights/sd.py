@@ -41,6 +41,7 @@ from cn_jax.weights.folders import (
     _read_json,
     _weight_files,
     load_unet,
+    write_json,
 )
 from cn_jax.weights.keymap import torch_to_flax
 
@@ -251,10 +252,10 @@ def save_pipeline(path: str | os.PathLike, sd: StableDiffusion, dtype=None) -> P
         te_dir / "model.safetensors", _torch_state(sd.text_encoder_params, dtype),
         metadata={"format": "pt"},
     )  # fmt: skip
-    _write_json(te_dir / CONFIG_NAME, sd.text_encoder.config.to_dict())
+    write_json(te_dir / CONFIG_NAME, sd.text_encoder.config.to_dict())
     _save_tokenizer(sd.tokenizer, path / "tokenizer")
     (path / "scheduler").mkdir(exist_ok=True)
-    _write_json(path / "scheduler" / "scheduler_config.json", sd.schedule.to_dict())
+    write_json(path / "scheduler" / "scheduler_config.json", sd.schedule.to_dict())
     index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": DIFFUSERS_COMPAT_VERSION,
@@ -267,7 +268,7 @@ def save_pipeline(path: str | os.PathLike, sd: StableDiffusion, dtype=None) -> P
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
     }
-    _write_json(path / "model_index.json", index)
+    write_json(path / "model_index.json", index)
     return path
 
 
@@ -282,16 +283,8 @@ def _save_tokenizer(tokenizer, folder: Path) -> None:
         return
     model = json.loads(fast.read_text())["model"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    _write_json(folder / "vocab.json", model["vocab"])
+    write_json(folder / "vocab.json", model["vocab"])
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    import json
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _config_file(folder: Path, name: str) -> Path:
