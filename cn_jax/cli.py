@@ -199,19 +199,19 @@ def _save_rows(rows: list, path: str) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from cn_jax.eval.report import read_evals, summarize, write_report
+    from cn_jax.eval.report import run_metrics, save_report
 
-    m = summarize(read_evals(args.run))
+    m = run_metrics(args.run)
     checks = {
         f"iou_final >= {args.min_iou}": m["iou_final"] >= args.min_iou,
         f"iou_final >= {args.min_factor} x iou_initial": m["iou_final"]
         >= args.min_factor * m["iou_initial"],
         f"colour_adherence >= {args.min_colour}": m["colour_adherence"] >= args.min_colour,
     }
-    extra = {"targets": checks}
+    m["targets"] = checks
     if args.seconds is not None:
-        extra["train_seconds"] = args.seconds
-    m = write_report(args.run, args.out, extra)
+        m["train_seconds"] = args.seconds
+    save_report(m, args.out)
     jump = m["sudden_convergence"]
     print(
         f"held-out IoU {m['iou_initial']:.3f} (step {m['initial_step']}) -> "

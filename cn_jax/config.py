@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Trainable = Literal["controlnet", "controlnet+decoder", "unet"]
 
@@ -36,6 +36,19 @@ class ModelConfig(_Section):
     conditioning_channels: int = Field(3, ge=1)
     conditioning_embedding: Literal["released", "paper"] = "released"
     conditioning_channel_order: Literal["rgb", "bgr"] = "rgb"
+    # scheduler_config.json fields that replace the base's, e.g. {prediction_type:
+    # v_prediction, rescale_betas_zero_snr: true, timestep_spacing: trailing} to train a
+    # base from scratch with zero terminal SNR. The export writes the result.
+    scheduler: dict[str, Any] | None = None
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler_fields(cls, value):
+        if value:
+            from cn_jax.diffusion.schedule import NoiseScheduleConfig
+
+            NoiseScheduleConfig.from_dict(value, "model.scheduler")
+        return value
 
 
 class TrainConfig(_Section):

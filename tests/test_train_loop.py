@@ -120,6 +120,10 @@ def test_unknown_config_key_is_named(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="train.batch_size"):
         load_config(None, ["train.batch_size=lots"])
+    with pytest.raises(ConfigError, match=r"model.scheduler.*unknown scheduler config.*beta_ned"):
+        load_config(None, ["model.scheduler.beta_ned=0.02"])
+    with pytest.raises(ConfigError, match="prediction_type='x0'"):
+        load_config(None, ["model.scheduler.prediction_type=x0"])
     with pytest.raises(ConfigError, match="train.batch_size=6 must be a multiple"):
         load_config(None, ["train.batch_size=6", "train.grad_accum=4"])
     assert main(["train", "--config", str(bad), "--workdir", str(tmp_path / "w")]) == 2
@@ -230,9 +234,10 @@ def test_cached_vae_posterior_gives_the_same_latents():
 
 
 def test_base_run_evaluates_and_exports_a_pipeline(data, tmp_path):
-    """train.trainable=unet (the demo base's recipe): eval.jsonl at step 0 and every
-    K steps, and `cn-jax export` writes a diffusers pipeline folder that loads back
-    (ours) and in diffusers / transformers with the same tensors."""
+    """train.trainable=unet (the demo base's recipe, v-prediction with zero terminal
+    SNR from `model.scheduler`): eval.jsonl at step 0 and every K steps, and
+    `cn-jax export` writes a diffusers pipeline folder, with that schedule, that
+    loads back (ours) and in diffusers / transformers with the same tensors."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -243,6 +248,8 @@ def test_base_run_evaluates_and_exports_a_pipeline(data, tmp_path):
     extra = {
         "train.trainable": "unet", "train.max_steps": 3, "train.checkpoint_every": 3,
         "train.ema_decay": 0.5, "eval.every": 2, "eval.samples": 2, "eval.sampler_steps": 2,
+        "model.scheduler.prediction_type": "v_prediction",
+        "model.scheduler.rescale_betas_zero_snr": "true",
     }  # fmt: skip
     cli = ["train", "--config", str(TINY), "--workdir", str(run), *_overrides(data, **extra)]
     assert main(cli) == 0
@@ -256,6 +263,8 @@ def test_base_run_evaluates_and_exports_a_pipeline(data, tmp_path):
     assert index["vae"] == [None, None] and not (out / "vae").exists()
     sd = load_pipeline(out)
     assert sd.vae is None and sd.tokenizer is not None
+    assert sd.schedule.prediction_type == "v_prediction" and sd.schedule.rescale_betas_zero_snr
+    assert sd.schedule.alphas_cumprod()[-1] == 0.0  # zero terminal SNR
     ref = random_pipeline("tiny", seed=0)  # the run's frozen text encoder: the seeded one
     te, te_ref = jax.tree.leaves(sd.text_encoder_params), jax.tree.leaves(ref.text_encoder_params)
     for a, b in zip(te, te_ref):

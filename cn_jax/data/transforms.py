@@ -213,3 +213,12 @@ def preprocess_pair(
     if condition.ndim == 2:
         condition = condition[:, :, None]
     return pixels, condition
+
+
+def to_uint8(images: np.ndarray, low: float = -1.0) -> np.ndarray:
+    """Float images in [low, 1] (NHWC or HWC) back to uint8 RGB, the inverse of
+    `preprocess_pair`: low=-1 for model images, low=0 for conditions; a 1-channel
+    image is repeated to 3."""
+    x = (np.asarray(images, np.float32) - low) / (1.0 - low)
+    x = np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
+    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x

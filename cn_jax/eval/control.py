@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cn_jax.data.fill50k import fill50k_truth, render_fill50k
+from cn_jax.data.transforms import to_uint8
 from cn_jax.diffusion.guidance import denoise
 from cn_jax.diffusion.samplers import make_sampler
 from cn_jax.eval.circles import score_batch
@@ -60,11 +61,6 @@ def chance_iou(num: int, size: int, seed: int = HELD_OUT_SEED) -> float:
     masks = [disk_mask((size, size), t.center, t.radius) for t in truths]
     pairs = [iou(a, b) for i, a in enumerate(masks) for j, b in enumerate(masks) if i != j]
     return float(np.mean(pairs)) if pairs else float("nan")
-
-
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """Model-space images in [-1, 1] -> uint8 RGB."""
-    return np.clip(np.rint((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 class ControlEvaluator:

@@ -138,6 +138,33 @@ def plot_curve(
     return img
 
 
+def run_metrics(run: str | Path) -> dict[str, Any]:
+    """`summarize` of a run's `eval.jsonl`, plus `iou_chance` (the held-out set's
+    chance level) when the run's `config.yaml` is there."""
+    metrics = summarize(read_evals(run))
+    config = Path(run) / "config.yaml"
+    if config.is_file():
+        from cn_jax.config import load_config
+        from cn_jax.eval.control import chance_iou
+
+        c = load_config(config)
+        metrics["iou_chance"] = chance_iou(c.eval.samples, c.data.resolution)
+    return metrics
+
+
+def save_report(metrics: dict[str, Any], out: str | Path) -> None:
+    """Write `metrics` (as `run_metrics` returns, plus any fields) to `out/metrics.json`
+    and its curve to `out/control_curve.png`."""
+    from cn_jax.weights.folders import write_json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = [c["step"] for c in metrics["curve"]]
+    ious = [c["iou"] for c in metrics["curve"]]
+    plot_curve(steps, ious, out / CURVE_NAME, jump=metrics["sudden_convergence"])
+    write_json(out / METRICS_NAME, metrics)
+
+
 def write_report(run: str | Path, out: str | Path, extra: dict[str, Any] | None = None) -> dict:
     """Write `out/metrics.json` and `out/control_curve.png` from `run/eval.jsonl`.
 
@@ -149,23 +176,6 @@ def write_report(run: str | Path, out: str | Path, extra: dict[str, Any] | None 
     Returns:
       The metrics written.
     """
-    evals = read_evals(run)
-    metrics = summarize(evals)
-    config = Path(run) / "config.yaml"
-    if config.is_file():  # the held-out set's chance level, for reading the IoUs
-        from cn_jax.config import load_config
-        from cn_jax.eval.control import chance_iou
-
-        c = load_config(config)
-        metrics["iou_chance"] = chance_iou(c.eval.samples, c.data.resolution)
-    if extra:
-        metrics.update(extra)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    steps = [c["step"] for c in metrics["curve"]]
-    ious = [c["iou"] for c in metrics["curve"]]
-    plot_curve(steps, ious, out / CURVE_NAME, jump=metrics["sudden_convergence"])
-    tmp = out / f".{METRICS_NAME}.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    tmp.replace(out / METRICS_NAME)
+    metrics = {**run_metrics(run), **(extra or {})}
+    save_report(metrics, out)
     return metrics

@@ -9,6 +9,7 @@ was saved.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from cn_jax.config import Config, dump_config
+from cn_jax.diffusion.schedule import NoiseScheduleConfig
 from cn_jax.models.config import ControlNetConfig
 from cn_jax.models.controlnet import ControlNet, init_controlnet_from_unet
 from cn_jax.train import sharding as shd
@@ -51,8 +53,14 @@ def load_base(config: Config, dtype):
     m = config.model
     if m.base is None:
         seed, tok = config.train.seed, m.tokenizer
-        return random_pipeline(m.architecture, seed=seed, tokenizer=tok, dtype=dtype)
-    return load_pipeline(m.base, config=m.base_config, tokenizer=m.tokenizer, dtype=dtype)
+        sd = random_pipeline(m.architecture, seed=seed, tokenizer=tok, dtype=dtype)
+    else:
+        sd = load_pipeline(m.base, config=m.base_config, tokenizer=m.tokenizer, dtype=dtype)
+    if m.scheduler:
+        fields = {**sd.schedule.to_dict(), **m.scheduler}
+        schedule = NoiseScheduleConfig.from_dict(fields, "model.scheduler")
+        sd = dataclasses.replace(sd, schedule=schedule)
+    return sd
 
 
 def controlnet_config(config: Config, unet_config, latent_factor: int) -> ControlNetConfig:

@@ -12,20 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cn_jax.data.transforms import preprocess_pair
+from cn_jax.data.transforms import preprocess_pair, to_uint8
 from cn_jax.diffusion.guidance import denoise
 from cn_jax.diffusion.samplers import make_sampler
 from cn_jax.tokenizer import tokenize
 from cn_jax.train.state import merge
 
 GUIDANCE_SCALE = 7.5
-
-
-def to_uint8(images: np.ndarray, low: float = -1.0) -> np.ndarray:
-    """Float NHWC images in [low, 1] -> uint8 RGB."""
-    x = (np.asarray(images, np.float32) - low) / (1.0 - low)
-    x = np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
-    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
 def grid(rows: list[list[np.ndarray]]) -> Image.Image:
