@@ -184,7 +184,7 @@ def test_evaluator_zero_initialised_controlnet_equals_the_base():
 def test_report_summary_curve_and_sudden_convergence(tmp_path):
     from PIL import Image
 
-    from cn_jax.eval.report import read_evals, sudden_convergence, write_report
+    from cn_jax.eval.report import read_evals, run_metrics, save_report, sudden_convergence
 
     run = tmp_path / "run"
     run.mkdir()
@@ -199,7 +199,8 @@ def test_report_summary_curve_and_sudden_convergence(tmp_path):
     evals = read_evals(run)
     assert [e["step"] for e in evals] == [0, 100, 200, 300, 400, 500]
     assert evals[2]["iou"] == 0.10  # the last record of a repeated step wins
-    m = write_report(run, tmp_path / "out", {"train_seconds": 1.0})
+    m = {**run_metrics(run), "train_seconds": 1.0}
+    save_report(m, tmp_path / "out")
     assert m["iou_initial"] == 0.08 and m["iou_final"] == 0.58
     assert m["iou_gain_factor"] == pytest.approx(0.58 / 0.08)
     jump = m["sudden_convergence"]

@@ -23,7 +23,7 @@ from cn_jax.data.fill50k import fill50k_truth, render_fill50k
 from cn_jax.data.transforms import to_uint8
 from cn_jax.diffusion.guidance import denoise
 from cn_jax.diffusion.samplers import make_sampler
-from cn_jax.eval.circles import score_batch
+from cn_jax.eval.circles import disk_mask, iou, score_batch
 from cn_jax.tokenizer import tokenize
 
 HELD_OUT_SEED = 999_983  # no `cn-jax data fill50k --seed` default or demo uses it
@@ -55,8 +55,6 @@ def chance_iou(num: int, size: int, seed: int = HELD_OUT_SEED) -> float:
     """Mean IoU between the true disks of different held-out samples: what a
     model drawing perfect circles in the wrong places scores. About 0.30 for
     fill50k at 32 px (radii up to 0.4 of the side make big disks overlap)."""
-    from cn_jax.eval.circles import disk_mask, iou
-
     truths = [fill50k_truth(i, size, seed) for i in range(num)]
     masks = [disk_mask((size, size), t.center, t.radius) for t in truths]
     pairs = [iou(a, b) for i, a in enumerate(masks) for j, b in enumerate(masks) if i != j]

@@ -163,19 +163,3 @@ def save_report(metrics: dict[str, Any], out: str | Path) -> None:
     ious = [c["iou"] for c in metrics["curve"]]
     plot_curve(steps, ious, out / CURVE_NAME, jump=metrics["sudden_convergence"])
     write_json(out / METRICS_NAME, metrics)
-
-
-def write_report(run: str | Path, out: str | Path, extra: dict[str, Any] | None = None) -> dict:
-    """Write `out/metrics.json` and `out/control_curve.png` from `run/eval.jsonl`.
-
-    Args:
-      run: a run directory trained with `eval.every` set.
-      out: the folder to write (created).
-      extra: more fields for metrics.json (e.g. timings, targets).
-
-    Returns:
-      The metrics written.
-    """
-    metrics = {**run_metrics(run), **(extra or {})}
-    save_report(metrics, out)
-    return metrics
