@@ -40,6 +40,9 @@ class ModelConfig(_Section):
     # v_prediction, rescale_betas_zero_snr: true, timestep_spacing: trailing} to train a
     # base from scratch with zero terminal SNR. The export writes the result.
     scheduler: dict[str, Any] | None = None
+    # Attention kernel (cn_jax.models.attention): auto = cuDNN flash attention on GPU in
+    # bfloat16/float16 where the head size allows, XLA elsewhere; xla | cudnn force one.
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
 
     @field_validator("scheduler")
     @classmethod

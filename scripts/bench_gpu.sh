@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Benchmarks on one GPU (H100 / H200), Stable Diffusion 1.5 shapes at 512 px in
-# bfloat16, random weights (configs/sd15-shape.yaml): the ControlNet train step
-# at batch 8, 1 and 16, ControlNet vs fine-tuning at batch 8, and sampling (20
-# DDIM steps, CFG, one ControlNet) at batch 1 and 8, then two ControlNets at
-# batch 1. Prints one table at the end; JSON and logs per item in $OUT/bench_gpu.
+# bfloat16, random weights (configs/sd15-shape.yaml), in this order: the
+# ControlNet train step at batch 8, sampling (20 DDIM steps, CFG, one ControlNet)
+# at batch 1, ControlNet vs fine-tuning at batch 8, the batch-8 train step again
+# with XLA's attention instead of cuDNN's (model.attention=xla), sampling at
+# batch 8, the train step at batch 1 and 16, two ControlNets at batch 1. Prints one table at the end; JSON and logs per item in $OUT/bench_gpu.
 #
 # Time: the whole run stays inside BUDGET_S (default 450 s, under 8 minutes with
 # start-up): items run in the order above (most wanted first), each under
@@ -16,11 +17,11 @@
 # Every setting is an environment variable, so the same script runs on CPU with
 # the tiny model (how it is tested):
 #   CONFIG=configs/bench-small.yaml PRECISION=float32 RESOLUTION=32 TRAIN_BATCHES=2 \
-#   COMPARE_BATCH=2 SAMPLE_BATCHES=1 SAMPLE2_BATCH=1 TRAIN_STEPS=1 SAMPLE_STEPS=2 \
+#   COMPARE_BATCH=2 SAMPLE_BATCHES=1 SAMPLE2_BATCH=1 TRAIN_STEPS=1 SAMPLE_STEPS=2 XLA_BASELINE=0 \
 #   bash scripts/bench_gpu.sh
 set -uo pipefail  # no -e: one failed item must not stop the others
 cd "$(dirname "$0")/.."
-export PYTHONPATH=.
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 
 PY=${PYTHON:-python3}
 CONFIG=${CONFIG:-configs/sd15-shape.yaml}
@@ -30,6 +31,8 @@ TRAIN_BATCHES=${TRAIN_BATCHES:-"8 1 16"}
 COMPARE_BATCH=${COMPARE_BATCH:-8}
 SAMPLE_BATCHES=${SAMPLE_BATCHES:-"1 8"}
 SAMPLE2_BATCH=${SAMPLE2_BATCH:-1}  # two ControlNets; empty: skip
+ATTENTION=${ATTENTION:-auto}  # model.attention of every item: auto (cuDNN where it applies) | xla
+XLA_BASELINE=${XLA_BASELINE:-1}  # 1: also the first train item with model.attention=xla
 TRAIN_STEPS=${TRAIN_STEPS:-10}
 SAMPLE_STEPS=${SAMPLE_STEPS:-20}
 BUDGET_S=${BUDGET_S:-450}
@@ -38,7 +41,8 @@ out="${OUT:-/tmp}/bench_gpu"
 mkdir -p "$out"
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$out/jax_cache}
 
-common=(--config "$CONFIG" "train.precision=$PRECISION" "data.resolution=$RESOLUTION")
+common=(--config "$CONFIG" "train.precision=$PRECISION" "data.resolution=$RESOLUTION"
+  "model.attention=$ATTENTION")
 start=$(date +%s)
 results=()
 
@@ -73,16 +77,27 @@ fi
 
 set -- $TRAIN_BATCHES
 first=$1
+shift
+set -- $SAMPLE_BATCHES
+sfirst=$1
+shift
+# Most wanted first: training speed, sampling speed, the ratios to fine-tuning, then
+# the XLA attention path as the baseline for cuDNN's, then the other sizes.
 item "train_b$first" $PY -m cn_jax.cli bench train "${common[@]}" \
   "train.batch_size=$first" --steps "$TRAIN_STEPS"
+item "sample_b$sfirst" $PY -m cn_jax.cli bench sample "${common[@]}" --batch "$sfirst" \
+  --steps "$SAMPLE_STEPS" --controlnets 1
 item "compare_b$COMPARE_BATCH" $PY -m cn_jax.cli bench compare "${common[@]}" \
   "train.batch_size=$COMPARE_BATCH" --steps "$TRAIN_STEPS"
-for b in $SAMPLE_BATCHES; do
+if [ "$XLA_BASELINE" = 1 ] && [ "$ATTENTION" != xla ]; then
+  item "train_b${first}_xla" $PY -m cn_jax.cli bench train "${common[@]}" \
+    "train.batch_size=$first" model.attention=xla --steps "$TRAIN_STEPS"
+fi
+for b in "$@"; do
   item "sample_b$b" $PY -m cn_jax.cli bench sample "${common[@]}" --batch "$b" \
     --steps "$SAMPLE_STEPS" --controlnets 1
 done
-shift
-for b in "$@"; do
+for b in $(echo $TRAIN_BATCHES | cut -s -d' ' -f2-); do
   item "train_b$b" $PY -m cn_jax.cli bench train "${common[@]}" \
     "train.batch_size=$b" --steps "$TRAIN_STEPS"
 done

@@ -124,6 +124,9 @@ def test_unknown_config_key_is_named(tmp_path):
         load_config(None, ["model.scheduler.beta_ned=0.02"])
     with pytest.raises(ConfigError, match="prediction_type='x0'"):
         load_config(None, ["model.scheduler.prediction_type=x0"])
+    with pytest.raises(ConfigError, match="model.attention"):
+        load_config(None, ["model.attention=flash"])
+    assert load_config(None, ["model.attention=xla"]).model.attention == "xla"
     with pytest.raises(ConfigError, match="train.batch_size=6 must be a multiple"):
         load_config(None, ["train.batch_size=6", "train.grad_accum=4"])
     assert main(["train", "--config", str(bad), "--workdir", str(tmp_path / "w")]) == 2

@@ -37,6 +37,8 @@ def _flops(f) -> str:
 
 def _header(r: dict) -> str:
     what = f"{r['architecture']}, {r['precision']}, {r['resolution']} px"
+    if r.get("attention", "auto") != "auto":
+        what += f", attention {r['attention']}"
     return f"{what}, {r['device_kind']} x{r['devices']}"
 
 

@@ -25,6 +25,7 @@ from cn_jax.bench import measure
 from cn_jax.config import Config
 from cn_jax.diffusion.guidance import denoise
 from cn_jax.diffusion.samplers import make_sampler
+from cn_jax.models.attention import set_attention_implementation
 from cn_jax.models.controlnet import ControlNet, init_controlnet_from_unet
 from cn_jax.train.loop import controlnet_config
 
@@ -35,6 +36,7 @@ def _load(config: Config, dtype):
     from cn_jax.weights.sd import load_pipeline, random_pipeline
 
     m = config.model
+    set_attention_implementation(m.attention)
     if m.base is None:
         return random_pipeline(
             m.architecture, seed=config.train.seed, tokenizer=m.tokenizer, dtype=dtype,
@@ -178,6 +180,7 @@ class SampleBench:
         c = self.config
         return {
             "architecture": c.model.architecture if c.model.base is None else c.model.base,
+            "attention": c.model.attention,
             "precision": c.train.precision,
             "resolution": c.data.resolution,
             "batch": self.batch,

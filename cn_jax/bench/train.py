@@ -157,7 +157,13 @@ class TrainBench:
             built = build(config) if run else abstract_build(config)
         models, params, sd = built
         del built
-        self.models, self.sd = models, sd
+        # The bundle without its weights: the step reads them from `self.frozen` and
+        # the state; a reference here would keep a second copy alive (the base UNet
+        # when fine-tuning, whose state owns a copy of it).
+        self.models = models
+        self.sd = dataclasses.replace(
+            sd, unet_params=None, vae_params=None, text_encoder_params=None
+        )
         spec = batch_spec(config, models, params)
         labels = labels_for(params, tc.trainable)
         trainable, frozen = split(params, labels)
@@ -236,6 +242,7 @@ class TrainBench:
         c = self.config
         out = {
             "architecture": c.model.architecture if c.model.base is None else c.model.base,
+            "attention": c.model.attention,
             "trainable": c.train.trainable,
             "precision": c.train.precision,
             "batch_size": c.train.batch_size,

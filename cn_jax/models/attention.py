@@ -1,17 +1,81 @@
 """Spatial transformer: diffusers `Transformer2DModel` / `BasicTransformerBlock`
 / `Attention` / GEGLU `FeedForward`, NHWC in and out.
 
-Attention goes through `jax.nn.dot_product_attention`, which XLA lowers to a
-fused kernel (cuDNN flash attention on recent NVIDIA GPUs for half precision).
+Attention goes through `jax.nn.dot_product_attention`. Its own default is the
+plain XLA path (score matrices in memory); `set_attention_implementation` (the
+config key `model.attention`) picks cuDNN's fused flash attention instead:
+
+- "xla": always the XLA path;
+- "cudnn": always cuDNN (GPU, bfloat16/float16 only; anything else fails with
+  JAX's error naming the constraint);
+- "auto" (default): cuDNN where it applies (GPU backend, bfloat16/float16, no
+  float32 upcast, head size a multiple of 8 and at most 128, even query and
+  key lengths), XLA elsewhere: CPU, float32, SD 1.5's 160-wide heads at the
+  lowest resolution, and cross-attention over the 77 text tokens (jax 0.11.2
+  on an H200 refused it for training: "Unsupported sequence length Q 4096,
+  KV 77").
+
+The choice is read when a function is traced: set it before compiling.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from cn_jax.models.layers import Dtype, group_norm, torch_like_kernel_init
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+_implementation = "auto"
+
+
+def set_attention_implementation(name: str) -> None:
+    """Choose the attention kernel for functions traced from now on (see module doc)."""
+    global _implementation
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation {name!r}: expected one of {ATTENTION_IMPLEMENTATIONS}"
+        )
+    _implementation = name
+
+
+def get_attention_implementation() -> str:
+    return _implementation
+
+
+@contextlib.contextmanager
+def attention_implementation(name: str) -> Iterator[None]:
+    """`set_attention_implementation` for the duration of a `with` block."""
+    previous = _implementation
+    set_attention_implementation(name)
+    try:
+        yield
+    finally:
+        set_attention_implementation(previous)
+
+
+def _cudnn_applies(q: jax.Array, k: jax.Array) -> bool:
+    head_dim = q.shape[-1]
+    return (
+        jax.default_backend() == "gpu"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and head_dim % 8 == 0
+        and head_dim <= 128
+        and q.shape[1] % 2 == 0
+        and k.shape[1] % 2 == 0
+    )
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """Softmax attention over [batch, tokens, heads, head_dim] with the chosen kernel."""
+    impl = _implementation
+    if impl == "auto":
+        impl = "cudnn" if _cudnn_applies(q, k) else "xla"
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
 
 
 def _dense(features: int, dtype: Dtype, param_dtype: Dtype, name: str, bias: bool = True):
@@ -52,7 +116,7 @@ class Attention(nn.Module):
         q, k, v = (t.reshape(t.shape[0], t.shape[1], self.heads, self.head_dim) for t in (q, k, v))
         if self.upcast:
             q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-        out = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
+        out = dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
         out = out.reshape(b, n, inner).astype(d)
         return _dense(x.shape[-1], d, p, "to_out_0")(out)
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from cn_jax.config import Config, dump_config
 from cn_jax.diffusion.schedule import NoiseScheduleConfig
+from cn_jax.models.attention import set_attention_implementation
 from cn_jax.models.config import ControlNetConfig
 from cn_jax.models.controlnet import ControlNet, init_controlnet_from_unet
 from cn_jax.train import sharding as shd
@@ -86,6 +87,7 @@ def controlnet_config(config: Config, unet_config, latent_factor: int) -> Contro
 def build(config: Config):
     """Models, the full parameter tree, and the base bundle."""
     dtype = jnp.bfloat16 if config.train.precision == "bfloat16" else jnp.float32
+    set_attention_implementation(config.model.attention)
     sd = load_base(config, dtype)
     latent_factor = 1 if sd.vae is None else sd.vae.config.latent_factor
     cnet = None

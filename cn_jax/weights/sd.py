@@ -413,5 +413,12 @@ def random_pipeline(
 
 
 def _init(module, key, inputs) -> Any:
-    # jit: one compiled init instead of op-by-op dispatch of every initializer.
-    return jax.jit(module.init)(key, *inputs)["params"]
+    """Random parameters: one jitted init (not op-by-op dispatch of every initializer),
+    compiled and run on the host, then put on the default device. The accelerator's
+    compiler is far slower for this one-off program (on an H200 with jax 0.11 small
+    programs took minutes), and the values are the same (threefry is exact)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        params = jax.jit(module.init)(key, *inputs)["params"]
+    if jax.default_backend() == "cpu":
+        return params
+    return jax.device_put(params, jax.devices()[0])
