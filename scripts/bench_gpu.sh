@@ -30,7 +30,7 @@ RESOLUTION=${RESOLUTION:-512}
 TRAIN_BATCHES=${TRAIN_BATCHES:-"8 1 16"}
 COMPARE_BATCH=${COMPARE_BATCH:-8}
 SAMPLE_BATCHES=${SAMPLE_BATCHES:-"1 8"}
-SAMPLE2_BATCH=${SAMPLE2_BATCH:-1}  # two ControlNets; empty: skip
+SAMPLE2_BATCH=${SAMPLE2_BATCH-1}  # two ControlNets; empty: skip
 ATTENTION=${ATTENTION:-auto}  # model.attention of every item: auto (cuDNN where it applies) | xla
 XLA_BASELINE=${XLA_BASELINE:-1}  # 1: also the first train item with model.attention=xla
 TRAIN_STEPS=${TRAIN_STEPS:-10}

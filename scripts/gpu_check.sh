@@ -9,7 +9,7 @@
 #   2. a few real train steps (tiny config, bfloat16, `cn-jax train`);
 #   3. scripts/bench_gpu.sh (SD 1.5 shape, 512 px, bfloat16) in the time left.
 # Packages the machine lacks (pydantic, datasets, tensorboardX) travel as wheels in
-# .whl (see the device tool's README); they are installed to /tmp/site first.
+# .whl (`bash scripts/gpu_wheels.sh` fetches them); they are installed to /tmp/site first.
 # Compiled programs: JAX's persistent cache starts from .gpu_cache/ when that folder
 # is carried, and comes back as $OUT/jax_cache.tgz (unpack it into .gpu_cache/ and
 # carry it next time: same image, same code, no compile).

@@ -103,6 +103,8 @@ def test_sample_two_controlnets(tmp_path):
     # One summary line per result file.
     table = summary_table([r, r])
     assert len(table.splitlines()) == 4 and "it/s" in table  # device, header, 2 rows
+    assert r["attention"] == "auto" and "(xla)" not in table
+    assert "steps (xla)" in summary_table([{**r, "attention": "xla"}])  # a forced kernel shows
 
 
 def test_synthetic_batch_ranges():

@@ -154,9 +154,10 @@ def summary_table(results: list[dict]) -> str:
     ]
     for r in results:
         kind = r.get("bench")
+        attn = f" ({r['attention']})" if r.get("attention", "auto") != "auto" else ""
         if kind == "train":
             lines.append(row((
-                f"train {r['trainable']}", r["batch_size"], r["precision"], r["resolution"],
+                f"train {r['trainable']}{attn}", r["batch_size"], r["precision"], r["resolution"],
                 _num(r.get("step_time_s"), "{:.4g} s"),
                 _num(r.get("samples_per_s"), "{:.4g} samples/s"),
                 _num(r.get("tflops_per_s"), "{:.3g}"), _num(r.get("fraction_of_peak"), "{:.1%}"),
@@ -172,9 +173,9 @@ def summary_table(results: list[dict]) -> str:
             )))  # fmt: skip
         elif kind == "sample":
             lines.append(row((
-                f"sample {r['controlnets']} cn, {r['steps']} steps", r["batch"], r["precision"],
-                r["resolution"], f"{r['loop_s']:.4g} s", f"{r['it_per_s']:.4g} it/s "
-                f"{r['images_per_s']:.3g} img/s", "-", "-",
+                f"sample {r['controlnets']} cn, {r['steps']} steps{attn}", r["batch"],
+                r["precision"], r["resolution"], f"{r['loop_s']:.4g} s",
+                f"{r['it_per_s']:.4g} it/s {r['images_per_s']:.3g} img/s", "-", "-",
                 _bytes(r["memory"].get("peak_estimate_bytes")), f"{r['compile_total_s']:.0f} s",
             )))  # fmt: skip
     return "\n".join(lines)
