@@ -413,12 +413,14 @@ def random_pipeline(
 
 
 def _init(module, key, inputs) -> Any:
-    """Random parameters: one jitted init (not op-by-op dispatch of every initializer),
-    compiled and run on the host, then put on the default device. The accelerator's
-    compiler is far slower for this one-off program (on an H200 with jax 0.11 small
-    programs took minutes), and the values are the same (threefry is exact)."""
-    with jax.default_device(jax.devices("cpu")[0]):
-        params = jax.jit(module.init)(key, *inputs)["params"]
+    """Random parameters: one jitted init (not op-by-op dispatch of every initializer).
+    On an accelerator it is compiled and run on this process's host CPU, then put on
+    its first local device: the accelerator's compiler is far slower for this one-off
+    program (on an H200 with jax 0.11 small programs took minutes), and the values are
+    the same (threefry is exact)."""
+    init = jax.jit(module.init)
     if jax.default_backend() == "cpu":
-        return params
-    return jax.device_put(params, jax.devices()[0])
+        return init(key, *inputs)["params"]
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        params = init(key, *inputs)["params"]
+    return jax.device_put(params, jax.local_devices()[0])
