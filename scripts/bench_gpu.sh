@@ -4,7 +4,8 @@
 # ControlNet train step at batch 8, sampling (20 DDIM steps, CFG, one ControlNet)
 # at batch 1, ControlNet vs fine-tuning at batch 8, the batch-8 train step again
 # with XLA's attention instead of cuDNN's (model.attention=xla), sampling at
-# batch 8, the train step at batch 1 and 16, two ControlNets at batch 1. Prints one table at the end; JSON and logs per item in $OUT/bench_gpu.
+# batch 8, the train step at batch 1 and 16, two ControlNets at batch 1. Prints
+# one table at the end; JSON and logs per item in $OUT/bench_gpu.
 #
 # Time: the whole run stays inside BUDGET_S (default 450 s, under 8 minutes with
 # start-up): items run in the order above (most wanted first), each under
@@ -75,12 +76,8 @@ print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"; then
   exit 1
 fi
 
-set -- $TRAIN_BATCHES
-first=$1
-shift
-set -- $SAMPLE_BATCHES
-sfirst=$1
-shift
+read -r first train_rest <<<"$TRAIN_BATCHES"
+read -r sfirst sample_rest <<<"$SAMPLE_BATCHES"
 # Most wanted first: training speed, sampling speed, the ratios to fine-tuning, then
 # the XLA attention path as the baseline for cuDNN's, then the other sizes.
 item "train_b$first" $PY -m cn_jax.cli bench train "${common[@]}" \
@@ -93,11 +90,11 @@ if [ "$XLA_BASELINE" = 1 ] && [ "$ATTENTION" != xla ]; then
   item "train_b${first}_xla" $PY -m cn_jax.cli bench train "${common[@]}" \
     "train.batch_size=$first" model.attention=xla --steps "$TRAIN_STEPS"
 fi
-for b in "$@"; do
+for b in $sample_rest; do
   item "sample_b$b" $PY -m cn_jax.cli bench sample "${common[@]}" --batch "$b" \
     --steps "$SAMPLE_STEPS" --controlnets 1
 done
-for b in $(echo $TRAIN_BATCHES | cut -s -d' ' -f2-); do
+for b in $train_rest; do
   item "train_b$b" $PY -m cn_jax.cli bench train "${common[@]}" \
     "train.batch_size=$b" --steps "$TRAIN_STEPS"
 done

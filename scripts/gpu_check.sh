@@ -62,7 +62,7 @@ timeout --signal=KILL "${TEST_S:-150}" python3 -m pytest -v -p no:cacheprovider 
   -o faulthandler_timeout=120 --durations=0 tests/test_gpu.py 2>&1 | tee "$work/test_gpu.log" \
   | grep -E "rel err|PASSED|FAILED|passed|failed|skipped|Error|error|Timeout" | head -60
 # If cuDNN's attention failed its test, benchmark with XLA's (and say so).
-if grep -q "FAILED.*test_cudnn_attention\|FAILED.*auto" "$work/test_gpu.log"; then
+if grep -q "FAILED.*test_cudnn_attention\|FAILED.*bfloat16-auto" "$work/test_gpu.log"; then
   echo "cuDNN attention failed its test: benchmarks use model.attention=xla"
   export ATTENTION=xla
 fi

@@ -21,14 +21,17 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent  # the child imports cn_jax and tests/ from here
 
 CHILD = r"""
-import time
-import jax, jax.numpy as jnp, numpy as np
-from cn_jax import ControlNet, ControlNetConfig, UNet, UNetConfig
-ucfg = UNetConfig(block_out_channels=(64, 128, 128, 128), norm_num_groups=32,
-                  cross_attention_dim=64, attention_head_dim=4)
-ccfg = ControlNetConfig.from_unet(ucfg)
+import sys, time
+import jax, jax.numpy as jnp
+from cn_jax import ControlNet, UNet
+sys.path.insert(0, "tests")
+from test_gpu import _models  # the GPU tests' model, so both time the same program
+ucfg, ccfg = _models()
 unet, cnet = UNet(ucfg, dtype=jnp.bfloat16), ControlNet(ccfg, dtype=jnp.bfloat16)
 x = jnp.zeros((2, 32, 32, 4)); t = jnp.array([10.0, 900.0]); ctx = jnp.zeros((2, 77, 64))
 cond = jnp.zeros((2, 256, 256, 3))
@@ -56,8 +59,8 @@ def main() -> int:
         t0 = time.perf_counter()
         try:
             out = subprocess.run(
-                [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True,
-                timeout=args.timeout,
+                [sys.executable, "-c", CHILD], env=env, cwd=ROOT, capture_output=True,
+                text=True, timeout=args.timeout,
             )  # fmt: skip
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
             result = lines[-1][7:] if lines else f"failed: {out.stderr.strip()[-300:]}"

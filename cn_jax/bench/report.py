@@ -35,9 +35,14 @@ def _flops(f) -> str:
     return f"{f:.3g} FLOP"
 
 
+def _forced_attention(r: dict) -> str | None:
+    """The attention kernel a result was forced to (`model.attention`), None for auto."""
+    return None if r.get("attention", "auto") == "auto" else r["attention"]
+
+
 def _header(r: dict) -> str:
     what = f"{r['architecture']}, {r['precision']}, {r['resolution']} px"
-    if r.get("attention", "auto") != "auto":
+    if _forced_attention(r):
         what += f", attention {r['attention']}"
     return f"{what}, {r['device_kind']} x{r['devices']}"
 
@@ -154,7 +159,7 @@ def summary_table(results: list[dict]) -> str:
     ]
     for r in results:
         kind = r.get("bench")
-        attn = f" ({r['attention']})" if r.get("attention", "auto") != "auto" else ""
+        attn = f" ({r['attention']})" if _forced_attention(r) else ""
         if kind == "train":
             lines.append(row((
                 f"train {r['trainable']}{attn}", r["batch_size"], r["precision"], r["resolution"],
