@@ -9,6 +9,7 @@ Public API (external checks call exactly these names):
     sd = cn_jax.load_pipeline(path)  # frozen components: unet, vae, text encoder, tokenizer
 """
 
+import cn_jax.runtime  # noqa: F401 (sets XLA_FLAGS on import, before JAX starts)
 from cn_jax.diffusion import NoiseScheduleConfig
 from cn_jax.models import (
     ControlledBlock,

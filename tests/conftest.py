@@ -15,5 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
 
+import cn_jax  # noqa: E402, F401 (adds its XLA flags before JAX starts: cn_jax/runtime.py)
+
 # Parity is measured in true float32 (GPUs would otherwise use TF32 matmuls).
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -39,6 +39,7 @@ def test_train_step_on_all_devices_without_cache(tmp_path, capsys):
     r = _run(tmp_path, "train", ["train", "--config", SMALL, "train.batch_size=8",
              "data.cache_latents=false", "--devices", "0", "--steps", "2"])  # fmt: skip
     assert r["bench"] == "train" and r["devices"] == 8 and r["platform"] == "cpu"
+    assert r["xla_cpu_scheduler"] == "memory-first"  # cn_jax.runtime, set on import
     assert r["steps"] == 2 and len(r["step_times_s"]) == 2
     assert r["step_time_s"] == statistics.median(r["step_times_s"])
     assert r["compile_s"] > 0 and r["flops_per_step"] > 0 and r["step_time_s"] > 0

@@ -22,6 +22,8 @@ from typing import Any
 
 import jax
 
+from cn_jax import runtime
+
 # Dense (no sparsity) peak TFLOP/s by compute dtype, keyed by a substring of
 # `device.device_kind`; the first matching row wins, so specific names (PCIe,
 # NVL) come before the family name. float32 is left unknown on purpose: XLA
@@ -146,12 +148,14 @@ def ratio(a, b) -> float | None:
 
 
 def device_info(devices) -> dict[str, Any]:
-    """Platform, device kind and count, and the persistent compilation cache in use
-    (compile times read from it are cache hits, not compilations)."""
+    """Platform, device kind and count, the persistent compilation cache in use
+    (compile times read from it are cache hits, not compilations) and, on CPU, XLA's
+    scheduler (cn_jax.runtime: "memory-first" unless JAX started before cn_jax)."""
     d = devices[0]
     return {
         "platform": d.platform,
         "device_kind": d.device_kind,
         "devices": len(devices),
         "compilation_cache": jax.config.jax_compilation_cache_dir or None,
+        "xla_cpu_scheduler": runtime.cpu_scheduler() if d.platform == "cpu" else None,
     }

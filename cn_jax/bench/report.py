@@ -44,6 +44,8 @@ def _header(r: dict) -> str:
     what = f"{r['architecture']}, {r['precision']}, {r['resolution']} px"
     if _forced_attention(r):
         what += f", attention {r['attention']}"
+    if r.get("xla_cpu_scheduler") == "concurrency":  # not cn_jax's memory-first default
+        what += ", XLA CPU scheduler concurrency"
     return f"{what}, {r['device_kind']} x{r['devices']}"
 
 

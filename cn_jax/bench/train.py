@@ -22,6 +22,7 @@ import numpy as np
 
 from cn_jax.bench import measure
 from cn_jax.config import Config
+from cn_jax.runtime import release_host_memory
 from cn_jax.train import sharding as shd
 from cn_jax.train.loop import build
 from cn_jax.train.state import TrainState, group_labels, labels_for, make_optimizer, split
@@ -153,6 +154,10 @@ class TrainBench:
 
         # == Create models (or their shapes); split what trains from what is frozen ==
         t0 = time.perf_counter()
+        # Weights built here have no other owner: the state may take the trainable
+        # arrays as they are. A caller's `built` may share them (bench_compare's
+        # fine-tune state starts from the arrays the ControlNet side keeps frozen).
+        owned = built is None
         if built is None:
             built = build(config) if run else abstract_build(config)
         models, params, sd = built
@@ -164,7 +169,13 @@ class TrainBench:
         self.sd = dataclasses.replace(
             sd, unet_params=None, vae_params=None, text_encoder_params=None
         )
+        del sd
         spec = batch_spec(config, models, params)
+        if config.data.cache_latents:
+            # The step reads cached latents and text embeddings: the frozen encoders
+            # would only hold memory (jit drops unused arguments, so XLA's counts
+            # never included them; loop.train keeps them for validation samples).
+            params = {k: v for k, v in params.items() if k not in ("text_encoder", "vae")}
         labels = labels_for(params, tc.trainable)
         trainable, frozen = split(params, labels)
         del params
@@ -180,11 +191,15 @@ class TrainBench:
         batch_sh, repl = shd.batch_sharding(self.mesh), shd.replicated(self.mesh)
         if run:
             self.frozen = jax.device_put(frozen, frozen_sh)
-            # The state is donated at every step, so it must own its buffers
-            # (`jnp.copy`: never forwarded, even where jit forwards inputs), since
-            # its base may be shared with another TrainBench (`without_controlnet`).
-            fresh = lambda p: create(jax.tree_util.tree_map(jnp.copy, p))  # noqa: E731
-            self.state = jax.jit(fresh, out_shardings=state_sh)(trainable)
+            # The state is donated at every step, so it must own its buffers: owned
+            # arrays are donated into it (no second copy at set-up), shared ones
+            # copied (`jnp.copy`: never forwarded, even where jit forwards inputs).
+            if owned:
+                init = jax.jit(create, out_shardings=state_sh, donate_argnums=0)
+            else:
+                fresh = lambda p: create(jax.tree_util.tree_map(jnp.copy, p))  # noqa: E731
+                init = jax.jit(fresh, out_shardings=state_sh)
+            self.state = init(trainable)
             host = synthetic_batch(spec, models.text_encoder.config.vocab_size, tc.seed)
             self.batch = shd.global_batch(host, self.mesh)
             self.rng = jax.random.PRNGKey(tc.seed)
@@ -207,11 +222,13 @@ class TrainBench:
                 jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=repl),
             )
         del trainable, frozen
+        if run:
+            release_host_memory()
         self.setup_s = time.perf_counter() - t0
 
         # == Compile the step ahead of time (as loop.train does) ==
         step_fn = make_train_step(
-            models, sd.schedule.alphas_cumprod(), tx, tc.grad_accum, tc.ema_decay
+            models, self.sd.schedule.alphas_cumprod(), tx, tc.grad_accum, tc.ema_decay
         )
         jitted = jax.jit(
             step_fn,
@@ -224,6 +241,7 @@ class TrainBench:
         t1 = time.perf_counter()
         self.compiled = lowered.compile()
         self.lower_s, self.compile_s = t1 - t0, time.perf_counter() - t1
+        release_host_memory()  # what the compiler freed (about 1 GiB at SD 1.5 shape)
         self.flops = measure.program_flops(self.compiled)
         self.memory = measure.program_memory(self.compiled)
         self.metrics: dict[str, Any] | None = None

@@ -25,6 +25,7 @@ from cn_jax.diffusion.schedule import NoiseScheduleConfig
 from cn_jax.models.attention import set_attention_implementation
 from cn_jax.models.config import ControlNetConfig
 from cn_jax.models.controlnet import ControlNet, init_controlnet_from_unet
+from cn_jax.runtime import release_host_memory
 from cn_jax.train import sharding as shd
 from cn_jax.train.checkpoint import Checkpointer
 from cn_jax.train.state import (
@@ -174,6 +175,7 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
         data_position = meta.get("data_position")
         log.info("resumed from step %d", int(state.step))
     start_step = int(state.step)
+    release_host_memory()  # the set-up's freed host buffers (cn_jax.runtime)
 
     # == Data ==
     if config.data.path is None:
@@ -247,6 +249,7 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
                 t0 = time.perf_counter()
                 compiled = jitted.lower(state, frozen, batch, rng).compile()
                 log.info("compiled the train step in %.1fs", time.perf_counter() - t0)
+                release_host_memory()  # and the compiler's
                 t_last = time.perf_counter()
             state, metrics = compiled(state, frozen, batch, rng)
             done = step + 1

@@ -1,0 +1,102 @@
+"""Process-level settings: XLA flags set before JAX starts, host memory handed back.
+
+## XLA flags
+
+One flag today, read by the CPU backend only: XLA's CPU scheduler orders
+independent operations to run them concurrently by default, which keeps
+more buffers alive at once. With that off (the memory-first, depth-first
+order) an SD 1.5-shape ControlNet train step at 256 px, batch 4 needs
+2.9 GiB of temporaries instead of 6.9 GiB and its process peaks at 13.9 GiB
+of RSS instead of 17.8 GiB on a 2-core CPU, at the same step time
+(docs/benchmarks.md). GPU and TPU compiles do not read it.
+
+XLA reads `XLA_FLAGS` once, when JAX starts its backends, and ignores this
+flag when it comes per compile (`compiler_options=`: measured, no effect on
+the CPU client), so `import cn_jax` appends it to `XLA_FLAGS` if JAX has not
+started yet (this module calls `set_default_flags` when imported, and
+`cn_jax/__init__.py` imports it).
+Where JAX was started before cn_jax was imported, nothing changes and
+`cpu_scheduler()` says which scheduler runs. A flag the user already put in `XLA_FLAGS` is
+left as they set it: `XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=true`
+brings XLA's default back.
+
+## Host memory
+
+`release_host_memory()` returns freed host memory to the OS after set-up and
+after compiling (TrainBench, loop.train): see there.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+SCHEDULER_FLAG = "xla_cpu_enable_concurrency_optimized_scheduler"
+DEFAULT_FLAGS: dict[str, str] = {SCHEDULER_FLAG: "false"}
+
+# What XLA_FLAGS held when set_default_flags ran and whether JAX had started.
+_seen: dict[str, object] = {"flags": None, "started": None}
+
+
+def _jax_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+    except ImportError:  # jax not importable here: it cannot have started
+        return False
+    check = getattr(xla_bridge, "backends_are_initialized", None)
+    return bool(check()) if check is not None else False
+
+
+def set_default_flags() -> bool:
+    """Append `DEFAULT_FLAGS` the user has not named to `XLA_FLAGS`, if JAX has not
+    started its backends yet. Returns whether `XLA_FLAGS` was changed."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    started = _jax_started()
+    _seen.update(flags=flags, started=started)
+    if started:
+        return False
+    extra = [f"--{k}={v}" for k, v in DEFAULT_FLAGS.items() if f"--{k}" not in flags]
+    if extra:
+        os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+        _seen["flags"] = os.environ["XLA_FLAGS"]
+    return bool(extra)
+
+
+def cpu_scheduler() -> str:
+    """The XLA CPU scheduler in effect: "memory-first" or "concurrency" (XLA's default;
+    also what runs where JAX had started before cn_jax could set its flag)."""
+    flags = _seen["flags"] if _seen["flags"] is not None else os.environ.get("XLA_FLAGS", "")
+    value = None
+    for word in str(flags).split():
+        if word.startswith(f"--{SCHEDULER_FLAG}"):
+            value = word.partition("=")[2].lower() or "true"  # the last one wins, as in XLA
+    return "memory-first" if value in ("false", "0") else "concurrency"
+
+
+def release_host_memory() -> bool:
+    """Hand the host memory freed so far back to the OS (glibc `malloc_trim`).
+
+    Set-up and compiling free many buffers (init copies, weights the step does
+    not read, the compiler's own) in pieces glibc keeps for reuse, so they would
+    stay in the process's resident set under the step: 1.7 GiB after an SD 1.5
+    ControlNet set-up on CPU and 1 GiB more after its compile (docs/benchmarks.md).
+    Returns False where there is no glibc (macOS, musl): nothing is done there.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+set_default_flags()

@@ -1,0 +1,114 @@
+"""cn_jax.runtime: the XLA flags `import cn_jax` sets (the memory-first CPU scheduler
+reaches XLA, a flag the user set is kept, nothing changes once JAX has started;
+checked on XLA's own buffer count in fresh processes, since XLA reads XLA_FLAGS
+once per process) and `release_host_memory` (freed pages leave the resident set)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cn_jax import runtime
+
+FLAG = f"--{runtime.SCHEDULER_FLAG}"
+
+# Eight independent matmul chains: the concurrency scheduler keeps their
+# intermediates alive at once, the memory-first one finishes each in turn.
+_CHILD = """
+import json, os, sys
+if sys.argv[1] == "start-jax-first":
+    import jax.numpy as jnp
+    jnp.zeros(1).block_until_ready()
+import cn_jax
+import jax, jax.numpy as jnp
+def f(x):
+    ys = [jnp.sin(x * i) @ x for i in range(8)]
+    return sum(jnp.tanh(y) @ y for y in ys)
+c = jax.jit(f).lower(jnp.ones((512, 512))).compile()
+print(json.dumps({"flags": os.environ.get("XLA_FLAGS", ""),
+                  "scheduler": cn_jax.runtime.cpu_scheduler(),
+                  "temp": c.memory_analysis().temp_size_in_bytes}))
+"""
+
+
+def _child(xla_flags: str | None, mode: str = "import-first") -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # compile for real, every time
+    if xla_flags is not None:
+        env["XLA_FLAGS"] = xla_flags
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, mode], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_memory_first_scheduler_reaches_xla():
+    ours = _child(None)
+    xla_default = _child(f"{FLAG}=true")
+    assert ours["flags"] == f"{FLAG}=false" and ours["scheduler"] == "memory-first"
+    assert xla_default["flags"] == f"{FLAG}=true"  # the user's value, untouched
+    assert xla_default["scheduler"] == "concurrency"
+    # XLA's own count: fewer live temporaries with the memory-first order.
+    assert ours["temp"] < xla_default["temp"], (ours, xla_default)
+
+
+def test_flags_are_appended_to_the_users():
+    r = _child("--xla_force_host_platform_device_count=2")
+    assert r["flags"] == f"--xla_force_host_platform_device_count=2 {FLAG}=false"
+    assert r["scheduler"] == "memory-first"
+
+
+def test_nothing_changes_once_jax_has_started():
+    r = _child(None, "start-jax-first")
+    assert r["flags"] == "" and r["scheduler"] == "concurrency"
+    assert r["temp"] == _child(f"{FLAG}=true")["temp"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [(f"{FLAG}=false", "memory-first"), (f"{FLAG}=0", "memory-first"),
+     (f"{FLAG}=true", "concurrency"), (f"{FLAG}=false {FLAG}=true", "concurrency"),
+     ("", "concurrency")],
+)  # fmt: skip
+def test_cpu_scheduler_reads_the_last_value(monkeypatch, flags, expected):
+    monkeypatch.setattr(runtime, "_seen", {"flags": flags, "started": False})
+    assert runtime.cpu_scheduler() == expected
+
+
+_TRIM_CHILD = """
+import json
+from cn_jax import runtime
+def rss_mib():
+    line = [l for l in open("/proc/self/status") if l.startswith("VmRSS")][0]
+    return int(line.split()[1]) // 1024
+chunks = [bytes(100_000) for _ in range(3000)]  # 300 MB in malloc-sized pieces
+keep = chunks[-1]  # pins the top of the heap: glibc cannot shrink it by itself
+before = rss_mib()
+del chunks
+freed = rss_mib()
+released = runtime.release_host_memory()
+print(json.dumps({"before": before, "freed": freed, "after": rss_mib(), "released": released}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
+def test_release_host_memory_returns_freed_pages():
+    out = subprocess.run([sys.executable, "-c", _TRIM_CHILD], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    if not r["released"]:
+        pytest.skip("no glibc malloc_trim here")
+    assert r["freed"] > r["before"] - 50  # freed, still resident
+    assert r["after"] < r["freed"] - 150, r  # handed back (most of the 286 MiB)
+
+
+@pytest.mark.skipif(f"{FLAG}=true" in os.environ.get("XLA_FLAGS", ""), reason="user's choice")
+def test_this_test_process_runs_memory_first():
+    # conftest.py sets XLA_FLAGS and imports cn_jax before JAX starts, so every
+    # other test here compiles with the memory-first scheduler.
+    assert FLAG + "=false" in os.environ["XLA_FLAGS"]
+    assert runtime.cpu_scheduler() == "memory-first"
