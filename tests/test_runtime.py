@@ -13,6 +13,10 @@ import pytest
 from cn_jax import runtime
 
 FLAG = f"--{runtime.SCHEDULER_FLAG}"
+# cn_jax sets its CPU flags only where no accelerator plugin is installed.
+cpu_only = pytest.mark.skipif(
+    bool(runtime.accelerator_plugins()), reason="an accelerator plugin is installed"
+)
 
 # Eight independent matmul chains: the concurrency scheduler keeps their
 # intermediates alive at once, the memory-first one finishes each in turn.
@@ -46,6 +50,7 @@ def _child(xla_flags: str | None, mode: str = "import-first") -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@cpu_only
 def test_memory_first_scheduler_reaches_xla():
     ours = _child(None)
     xla_default = _child(f"{FLAG}=true")
@@ -56,16 +61,40 @@ def test_memory_first_scheduler_reaches_xla():
     assert ours["temp"] < xla_default["temp"], (ours, xla_default)
 
 
+@cpu_only
 def test_flags_are_appended_to_the_users():
     r = _child("--xla_force_host_platform_device_count=2")
     assert r["flags"] == f"--xla_force_host_platform_device_count=2 {FLAG}=false"
     assert r["scheduler"] == "memory-first"
 
 
+@cpu_only
 def test_nothing_changes_once_jax_has_started():
     r = _child(None, "start-jax-first")
     assert r["flags"] == "" and r["scheduler"] == "concurrency"
     assert r["temp"] == _child(f"{FLAG}=true")["temp"]
+
+
+def test_xla_knows_its_flags_only():
+    assert runtime.xla_knows(runtime.SCHEDULER_FLAG)
+    assert not runtime.xla_knows("xla_cpu_no_such_flag_anywhere")
+
+
+@pytest.mark.parametrize(
+    ("plugins", "started", "known", "expected"),
+    [([], False, True, f"--a=1 {FLAG}=false"),  # the CPU install: appended
+     (["xla_cuda13"], False, True, "--a=1"),  # a plugin's XLA parses XLA_FLAGS too
+     ([], True, True, "--a=1"),  # too late: XLA has read XLA_FLAGS
+     ([], False, False, "--a=1")],  # a jaxlib without the flag: XLA would abort on it
+)  # fmt: skip
+def test_set_default_flags_only_where_safe(monkeypatch, plugins, started, known, expected):
+    monkeypatch.setattr(runtime, "_seen", dict(runtime._seen))
+    monkeypatch.setenv("XLA_FLAGS", "--a=1")
+    monkeypatch.setattr(runtime, "accelerator_plugins", lambda: plugins)
+    monkeypatch.setattr(runtime, "_jax_started", lambda: started)
+    monkeypatch.setattr(runtime, "xla_knows", lambda flag: known)
+    assert runtime.set_default_flags() is (expected != "--a=1")
+    assert os.environ["XLA_FLAGS"] == expected
 
 
 @pytest.mark.parametrize(
@@ -106,6 +135,7 @@ def test_release_host_memory_returns_freed_pages():
     assert r["after"] < r["freed"] - 150, r  # handed back (most of the 286 MiB)
 
 
+@cpu_only
 @pytest.mark.skipif(f"{FLAG}=true" in os.environ.get("XLA_FLAGS", ""), reason="user's choice")
 def test_this_test_process_runs_memory_first():
     # conftest.py sets XLA_FLAGS and imports cn_jax before JAX starts, so every
