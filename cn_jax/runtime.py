@@ -25,7 +25,7 @@ default back.
 ## Host memory
 
 `release_host_memory()` hands freed host memory back to the OS after set-up
-and after compiling (`TrainBench`, `loop.train`): with it and the scheduler
+and after compiling (`loop.train`, `TrainBench`, `SampleBench`): with it and the scheduler
 above, that b4 step's process peaks at 11.8 GiB.
 """
 

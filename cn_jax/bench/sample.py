@@ -27,6 +27,7 @@ from cn_jax.diffusion.guidance import denoise
 from cn_jax.diffusion.samplers import make_sampler
 from cn_jax.models.attention import set_attention_implementation
 from cn_jax.models.controlnet import ControlNet, init_controlnet_from_unet
+from cn_jax.runtime import release_host_memory
 from cn_jax.train.loop import controlnet_config
 
 PROMPT = "a red circle on a blue background"  # fits the tiny model's 16 tokens
@@ -157,6 +158,7 @@ class SampleBench:
         self.compile_s["decode"] = None
         if vae is not None:
             self._decode = compile_("decode", decode, self.params["vae"], self.latents)
+        release_host_memory()  # what set-up and the compiler freed (cn_jax.runtime)
 
     def _loop_args(self):
         p = self.params
