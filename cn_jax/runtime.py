@@ -42,8 +42,8 @@ from pathlib import Path
 SCHEDULER_FLAG = "xla_cpu_enable_concurrency_optimized_scheduler"
 DEFAULT_FLAGS: dict[str, str] = {SCHEDULER_FLAG: "false"}
 
-# What XLA_FLAGS held when set_default_flags ran and whether JAX had started.
-_seen: dict[str, object] = {"flags": None, "started": None}
+# XLA_FLAGS as set_default_flags left it (None before it ran): what XLA reads at start.
+_flags_seen: str | None = None
 
 
 def _jax_started() -> bool:
@@ -95,26 +95,24 @@ def set_default_flags() -> bool:
     started its backends yet, no accelerator plugin is installed (the flags are for
     the CPU backend, and a plugin's own XLA parses `XLA_FLAGS` too) and this
     jaxlib defines them. Returns whether `XLA_FLAGS` was changed."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    started = _jax_started()
-    _seen.update(flags=flags, started=started)
-    if started or accelerator_plugins():
+    global _flags_seen
+    flags = _flags_seen = os.environ.get("XLA_FLAGS", "")
+    if _jax_started() or accelerator_plugins():
         return False
     extra = [
         f"--{k}={v}" for k, v in DEFAULT_FLAGS.items() if f"--{k}" not in flags and xla_knows(k)
     ]
     if extra:
-        os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
-        _seen["flags"] = os.environ["XLA_FLAGS"]
+        os.environ["XLA_FLAGS"] = _flags_seen = " ".join([flags, *extra]).strip()
     return bool(extra)
 
 
 def cpu_scheduler() -> str:
     """The XLA CPU scheduler in effect: "memory-first" or "concurrency" (XLA's default;
     also what runs where JAX had started before cn_jax could set its flag)."""
-    flags = _seen["flags"] if _seen["flags"] is not None else os.environ.get("XLA_FLAGS", "")
+    flags = _flags_seen if _flags_seen is not None else os.environ.get("XLA_FLAGS", "")
     value = None
-    for word in str(flags).split():
+    for word in flags.split():
         if word.startswith(f"--{SCHEDULER_FLAG}"):
             value = word.partition("=")[2].lower() or "true"  # the last one wins, as in XLA
     return "memory-first" if value in ("false", "0") else "concurrency"

@@ -88,7 +88,7 @@ def test_xla_knows_its_flags_only():
      ([], False, False, "--a=1")],  # a jaxlib without the flag: XLA would abort on it
 )  # fmt: skip
 def test_set_default_flags_only_where_safe(monkeypatch, plugins, started, known, expected):
-    monkeypatch.setattr(runtime, "_seen", dict(runtime._seen))
+    monkeypatch.setattr(runtime, "_flags_seen", runtime._flags_seen)
     monkeypatch.setenv("XLA_FLAGS", "--a=1")
     monkeypatch.setattr(runtime, "accelerator_plugins", lambda: plugins)
     monkeypatch.setattr(runtime, "_jax_started", lambda: started)
@@ -104,7 +104,7 @@ def test_set_default_flags_only_where_safe(monkeypatch, plugins, started, known,
      ("", "concurrency")],
 )  # fmt: skip
 def test_cpu_scheduler_reads_the_last_value(monkeypatch, flags, expected):
-    monkeypatch.setattr(runtime, "_seen", {"flags": flags, "started": False})
+    monkeypatch.setattr(runtime, "_flags_seen", flags)
     assert runtime.cpu_scheduler() == expected
 
 
