@@ -41,8 +41,9 @@ class ModelConfig(_Section):
     # base from scratch with zero terminal SNR. The export writes the result.
     scheduler: dict[str, Any] | None = None
     # Attention kernel (cn_jax.models.attention): auto = cuDNN flash attention on GPU in
-    # bfloat16/float16 where the head size allows, XLA elsewhere; xla | cudnn force one.
-    attention: Literal["auto", "xla", "cudnn"] = "auto"
+    # bfloat16/float16 where the head size allows, our cache-tiled kernel on CPU, XLA
+    # elsewhere; xla | cudnn | tiled force one.
+    attention: Literal["auto", "xla", "cudnn", "tiled"] = "auto"
 
     @field_validator("scheduler")
     @classmethod

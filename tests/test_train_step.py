@@ -200,7 +200,10 @@ def test_merge_inverts_split():
 def test_remat_gives_the_same_gradients():
     _, models, params, sd = _setup()
     x = jnp.asarray(_batch(sd, 2)["pixel_values"])
-    t, ctx = jnp.array([1.0, 500.0]), jnp.ones((2, 16, 64))
+    # Random text states: with identical ones every cross-attention is uniform, the
+    # true gradients of its to_q / to_k / norm2 are exactly zero and what both runs
+    # return there is rounding noise (1e-7), which no relative check can compare.
+    t, ctx = jnp.array([1.0, 500.0]), jax.random.normal(jax.random.PRNGKey(3), (2, 16, 64))
 
     def loss(p, unet):
         return jnp.sum(unet.apply({"params": p}, x, t, ctx) ** 2)
