@@ -139,9 +139,8 @@ def test_peak_table():
         devices_for(10_000)
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("bench_vs_diffusers", ROOT / "scripts" /
-                                                  "bench_vs_diffusers.py")  # fmt: skip
+def _script(name="bench_vs_diffusers"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -163,6 +162,22 @@ def test_bench_vs_diffusers_tiny(tmp_path, capsys):
     assert t["ours_peak_rss_bytes"] is None  # one process: not split per side
     assert t["ours_info"]["flops_per_step"] > 0
     assert "ours/theirs" in capsys.readouterr().out
+
+
+def test_bench_attention_tiny(tmp_path, capsys):
+    """scripts/bench_attention.py runs (never timed): all three kernels on one small
+    shape, the tiled kernel's error against JAX's path reported and small, a bad
+    --shape refused. (The tiling itself: tests/test_attention.py.)"""
+    out = tmp_path / "attn.json"
+    script = _script("bench_attention")
+    assert script.main(["--shape", "2,16,7,2,8", "--repeats", "1", "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())
+    assert r["shape"] == [2, 16, 7, 2, 8] and r["tiled_max_rel_err"] < 1e-5
+    for name in ("xla", "tiled", "torch"):
+        assert r[f"{name}_fwd_ms"] > 0 and r[f"{name}_fwd+bwd_ms"] > 0
+    assert r["tiled_temp_bytes"] > 0
+    assert "xla / tiled" in capsys.readouterr().out
+    assert script.main(["--shape", "2,16,7"]) == 2
 
 
 def test_bench_vs_diffusers_ratios():
