@@ -202,10 +202,12 @@ def test_bench_vs_diffusers_ratios():
 def test_profile_parts(capsys):
     from cn_jax.bench.profile import main as profile_main
 
-    assert profile_main(["--config", SMALL, "train.batch_size=4", "--repeats", "1"]) == 0
+    argv = ["--config", SMALL, "train.batch_size=4", "--repeats", "1", "--ops"]
+    assert profile_main(argv) == 0
     out = capsys.readouterr().out
-    for part in ("step (fused)", "forward", "backward", "optimizer"):
+    for part in ("step (fused)", "forward", "backward", "optimizer", "per operation"):
         assert part in out
+    assert "convolution layers" in out and "self-attention" in out
 
 
 def test_bench_vs_diffusers_child_reports_rss(tmp_path, capsys):
@@ -233,3 +235,71 @@ def test_bench_gpu_script_parses():
     )  # fmt: skip
     for flag in ("--steps", "--batch", "--controlnets", "--json"):
         assert flag in out.stdout
+
+
+HLO = """HloModule m
+
+%fused_conv (p0: f32[1,8,8,4], p1: f32[3,3,4,4]) -> f32[1,8,8,4] {
+  %p0 = f32[1,8,8,4]{3,2,1,0} parameter(0)
+  %p1 = f32[3,3,4,4]{3,2,1,0} parameter(1)
+  ROOT %c = f32[1,8,8,4]{3,2,1,0} convolution(%p0, %p1), window={size=3x3}
+}
+
+%fused_t (p0: f32[4,4]) -> f32[4,4] {
+  %p0 = f32[4,4]{1,0} parameter(0)
+  ROOT %t = f32[4,4]{0,1} transpose(%p0), dimensions={1,0}
+}
+
+%body (p: (s32[], f32[4,4])) -> (s32[], f32[4,4]) {
+  %p = (s32[], f32[4,4]) parameter(0)
+  ROOT %inner_dot = f32[4,4]{1,0} dot(%p, %p), lhs_contracting_dims={1}
+}
+
+ENTRY %main (a: f32[1,8,8,4], w: f32[3,3,4,4], m: f32[4,4]) -> f32[4,4] {
+  %a = f32[1,8,8,4]{3,2,1,0} parameter(0)
+  %ynn_fusion.1 = f32[1,8,8,4] fusion(%a, %w), kind=kCustom, calls=%fused_conv, metadata={op_name="transpose(jvp(U))/up_0/conv1/conv"}
+  %copy_fusion.2 = f32[4,4]{0,1} fusion(%m), kind=kLoop, calls=%fused_t, metadata={op_name="jvp(C)/cond_embedding/conv_in"}
+  %while.3 = (s32[], f32[4,4]) while(%t), condition=%cond, body=%body, metadata={op_name="jvp(U)/down_0/attn1/while"}
+  ROOT %add.4 = f32[4,4]{1,0} add(%m, %m), metadata={op_name="jit(step)/mul"}
+}
+"""  # noqa: E501 (XLA's own line format)
+
+
+def test_ops_breakdown_classifies_by_kind_layer_and_stage():
+    from cn_jax.bench import ops
+
+    durations = {"ynn_fusion.1": 0.4, "copy_fusion.2": 0.1, "while.3": 0.3, "add.4": 0.2,
+                 "inner_dot": 5.0, "ThunkExecutor::Execute": 9.0}  # fmt: skip
+    r = ops.breakdown(HLO, durations, wall_s=1.25, runs=1)
+    # Loop bodies and runtime events are not counted (the loop's own event covers them).
+    assert r["ops_seconds"] == pytest.approx(1.0) and r["coverage"] == pytest.approx(0.8)
+    assert r["by_kind"] == pytest.approx({"convolution": 0.4, "loop / call": 0.3,
+                                          "other (elementwise, reduce)": 0.2,
+                                          "copy / transpose": 0.1})  # fmt: skip
+    assert r["by_layer"] == pytest.approx({"convolution layers": 0.4, "self-attention": 0.3,
+                                           "other": 0.2, "condition encoder": 0.1})  # fmt: skip
+    assert r["by_stage"] == pytest.approx({"backward": 0.4, "forward": 0.4,
+                                           "other (loss, noise, optimizer)": 0.2})  # fmt: skip
+    assert [t["name"] for t in r["top"]] == ["ynn_fusion.1", "while.3", "add.4", "copy_fusion.2"]
+    assert "self-attention" in ops.format_breakdown(r)
+    assert ops.layer_of("") == "no metadata (XLA-made)"
+
+
+def test_ops_breakdown_of_a_real_trace(tmp_path):
+    """On this backend's real trace: a convolution and a matmul are found and timed."""
+    import jax
+    import jax.numpy as jnp
+
+    from cn_jax.bench import ops
+
+    def f(x, w, m):
+        nhwc = ("NHWC", "HWIO", "NHWC")
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=nhwc)
+        return jnp.tanh(y).reshape(-1, 64) @ m
+
+    args = (jnp.ones((4, 32, 32, 16)), jnp.ones((3, 3, 16, 16)), jnp.ones((64, 64)))
+    compiled = jax.jit(f).lower(*args).compile()
+    r = ops.op_breakdown(compiled, lambda: jax.block_until_ready(compiled(*args)), runs=2,
+                         trace_dir=str(tmp_path))  # fmt: skip
+    assert r["ops_seconds"] > 0 and 0 < r["coverage"]
+    assert {"convolution", "matmul"} <= set(r["by_kind"]), r["by_kind"]

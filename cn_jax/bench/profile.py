@@ -1,6 +1,6 @@
 """Where the train step's time goes, by timing its parts as separate programs.
 
-    python -m cn_jax.bench.profile --config configs/bench-small.yaml [k=v ...] [--json OUT]
+    python -m cn_jax.bench.profile --config configs/bench-small.yaml [k=v ...] [--ops] [--json OUT]
 
 Compiles and times, on the same synthetic batch and state as `bench train`:
 the frozen encoders alone (`encode_batch`: text encoder, VAE; nothing with
@@ -10,8 +10,9 @@ forward + backward (`value_and_grad` of the loss), the optimizer update alone
 (forward + backward) - forward. Separate programs lose the fusion across
 their boundaries, so the parts need not add up to the step exactly; the step
 is the real number, the parts say where it goes. For a per-operation view
-(convolutions vs attention vs elementwise) use a trace instead (see
-docs/benchmarks.md).
+(convolutions vs attention vs elementwise, forward vs backward) add `--ops`:
+one more step runs under the profiler and `cn_jax.bench.ops` adds up the
+trace's per-operation times by kind, layer and stage.
 """
 
 from __future__ import annotations
@@ -30,11 +31,15 @@ from cn_jax.config import Config
 from cn_jax.train.step import draw_randomness, encode_batch, loss_fn
 
 
-def profile_step(config: Config, repeats: int = 5, trace_dir: str | None = None) -> dict[str, Any]:
+def profile_step(
+    config: Config, repeats: int = 5, trace_dir: str | None = None, ops: bool = False
+) -> dict[str, Any]:
     """Median seconds and XLA FLOPs of each part of one train step (one device).
 
     With `trace_dir`, three more steps run under `jax.profiler.trace` (a
-    per-operation timeline for TensorBoard's profile plugin, xprof or Perfetto).
+    per-operation timeline for TensorBoard's profile plugin, xprof or Perfetto),
+    and `ops` (the per-operation breakdown, `cn_jax.bench.ops`) is read from
+    it; with `ops` alone one step is traced into a temporary directory.
     """
     b = TrainBench(config)
     models, ac = b.models, jnp.asarray(b.sd.schedule.alphas_cumprod(), jnp.float32)
@@ -80,11 +85,15 @@ def profile_step(config: Config, repeats: int = 5, trace_dir: str | None = None)
     b.step()
     times["step"] = measure.median(b.step() for _ in range(repeats))
     times["backward"] = times["forward_backward"] - times["forward"]
-    if trace_dir is not None:
-        with jax.profiler.trace(trace_dir):
-            for _ in range(3):
-                b.step()
-        out["trace_dir"] = trace_dir
+    if trace_dir is not None or ops:
+        from cn_jax.bench.ops import op_breakdown
+
+        runs = 1 if trace_dir is None else 3
+        breakdown = op_breakdown(b.compiled, b.step, runs=runs, trace_dir=trace_dir)
+        if ops:
+            out["ops"] = breakdown
+        if trace_dir is not None:
+            out["trace_dir"] = trace_dir
     out["seconds"] = times
     out["fractions_of_step"] = {
         k: times[k] / times["step"] for k in ("encode", "forward", "backward", "optimizer")
@@ -109,6 +118,10 @@ def format_profile(r: dict) -> str:
     lines.append("  (forward includes encode; backward = forward_backward - forward)")
     if r.get("trace_dir"):
         lines.append(f"  trace of 3 steps: {r['trace_dir']}")
+    if r.get("ops"):
+        from cn_jax.bench.ops import format_breakdown
+
+        lines.append(format_breakdown(r["ops"]))
     return "\n".join(lines)
 
 
@@ -122,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None)
     p.add_argument("--trace", default=None, help="also write a jax.profiler trace here")
+    p.add_argument("--ops", action="store_true", help="per-operation breakdown of a step")
     args = p.parse_args(argv)
-    r = profile_step(load_config(args.config, args.overrides), args.repeats, args.trace)
+    config = load_config(args.config, args.overrides)
+    r = profile_step(config, args.repeats, args.trace, args.ops)
     print(format_profile(r))
     if args.json:
         write_json(r, args.json)
