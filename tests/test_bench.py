@@ -303,3 +303,27 @@ def test_ops_breakdown_of_a_real_trace(tmp_path):
                          trace_dir=str(tmp_path))  # fmt: skip
     assert r["ops_seconds"] > 0 and 0 < r["coverage"]
     assert {"convolution", "matmul"} <= set(r["by_kind"]), r["by_kind"]
+
+
+def test_flops_count_the_tiled_kernels_loops_in_full(monkeypatch):
+    """XLA counts a loop body once. With tiles small enough that the tiled attention
+    kernel loops, the bench counts FLOPs on the loop-free twin (JAX's attention), so
+    the figure does not drop with the tile size; the compiled step itself does loop."""
+    from cn_jax.bench.train import TrainBench
+    from cn_jax.config import load_config
+    from cn_jax.models import attention as attn
+
+    def bench(impl):
+        return TrainBench(load_config(SMALL, [f"model.attention={impl}"]), run=False)
+
+    xla = bench("xla")
+    assert xla.flops_source == "step" and not measure.attention_loops(xla.compiled)
+    monkeypatch.setattr(attn, "FORWARD_TILE", 64)
+    monkeypatch.setattr(attn, "BACKWARD_TILE", 64)
+    tiled = bench("tiled")
+    assert measure.attention_loops(tiled.compiled)
+    assert tiled.flops_source == "step with xla attention (lowered)"
+    assert tiled.summary()["flops_counted_on"] == tiled.flops_source
+    assert tiled.flops == pytest.approx(xla.flops, rel=0.02), (tiled.flops, xla.flops)
+    # What the compiled step's own count would have said: far fewer (one tile a loop).
+    assert measure.program_flops(tiled.compiled) < 0.9 * xla.flops

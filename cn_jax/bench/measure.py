@@ -62,6 +62,16 @@ def program_flops(compiled) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
+def attention_loops(compiled) -> bool:
+    """Whether the compiled program runs attention in XLA loops (the "tiled" kernel on
+    large inputs), whose FLOPs `cost_analysis` counts once per loop, not per trip."""
+    try:
+        text = compiled.as_text()
+    except Exception:
+        return False
+    return any(" while(" in line and "/attn" in line for line in text.splitlines())
+
+
 def program_memory(compiled) -> dict[str, int | None]:
     """Buffer sizes of a compiled program (per device) and an estimate of its peak.
 
