@@ -112,3 +112,30 @@ def test_tiled_backward_keeps_no_score_matrices():
     tiled = saved(lambda q, k, v: attn.tiled_attention(q, k, v, 0.25))
     assert max(xla) >= scores  # the check can fail: JAX's path does keep them
     assert sorted(tiled) == [256 * 4] + [x.size] * 4, tiled
+
+
+def test_tiled_with_a_sharded_batch_matches_one_device(monkeypatch):
+    """The tiled kernel on a batch sharded over the test's CPU devices (loops over
+    heads and rows, the batch inside every tile) gives one device's outputs and
+    gradients."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.devices()
+    if len(devices) < 2:
+        pytest.skip("needs several devices (conftest sets 8 CPU devices)")
+    n = len(devices)
+    monkeypatch.setattr(attn, "FORWARD_TILE", n * 64 * 7)  # rows and heads both split
+    monkeypatch.setattr(attn, "BACKWARD_TILE", n * 64 * 7)
+    rng = np.random.default_rng(2)
+    q, dout = (jnp.asarray(rng.standard_normal((n, 64, 4, 16), np.float32)) for _ in "qd")
+    k, v = (jnp.asarray(rng.standard_normal((n, 64, 4, 16), np.float32)) for _ in "kv")
+
+    def run(q, k, v, dout):
+        return _grads(lambda q, k, v: attn.tiled_attention(q, k, v, 0.25), q, k, v, dout)
+
+    want = jax.jit(run)(q, k, v, dout)
+    batch = NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec("data"))
+    got = jax.jit(run)(*(jax.device_put(x, batch) for x in (q, k, v, dout)))
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        err = float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
+        assert err < 1e-6, (name, err)

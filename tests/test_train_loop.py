@@ -154,7 +154,13 @@ def _free_port() -> int:
 def test_two_processes_equal_one_process(data, tmp_path):
     """2 processes x 2 CPU devices (gloo) == 1 process x 4 devices, after 2 steps."""
     worker = str(ROOT / "tests" / "mp_worker.py")
-    overrides = _overrides(data, **{"train.max_steps": 2})
+    # JAX's XLA attention: with the tiled kernel (the CPU default) the two runs'
+    # weights differ by up to 1.4e-6 after two AdamW steps (one element of 4,096
+    # over this tolerance), where XLA's path differs by 1.2e-7 (measured); the
+    # forward losses agree to 1.2e-7 either way. Open: docs/benchmarks.md. This test
+    # checks the multi-process plumbing; the tiled kernel under a sharded batch is
+    # checked against one device in tests/test_attention.py.
+    overrides = _overrides(data, **{"train.max_steps": 2, "model.attention": "xla"})
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     port = _free_port()
     procs = []
