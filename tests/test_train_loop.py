@@ -157,9 +157,11 @@ def test_two_processes_equal_one_process(data, tmp_path):
     # JAX's XLA attention: with the tiled kernel (the CPU default) the two runs'
     # weights differ by up to 1.4e-6 after two AdamW steps (one element of 4,096
     # over this tolerance), where XLA's path differs by 1.2e-7 (measured); the
-    # forward losses agree to 1.2e-7 either way. Open: docs/benchmarks.md. This test
-    # checks the multi-process plumbing; the tiled kernel under a sharded batch is
-    # checked against one device in tests/test_attention.py.
+    # losses agree to 1.2e-7 either way. Both runs compile the same program but for
+    # the thread split of elementwise loops: the CPU kernels' summation order
+    # follows the thread count (docs/benchmarks.md). This test checks the
+    # multi-process plumbing; the tiled kernel on a sharded batch is checked
+    # against one device in tests/test_attention.py.
     overrides = _overrides(data, **{"train.max_steps": 2, "model.attention": "xla"})
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     port = _free_port()
