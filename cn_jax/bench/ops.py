@@ -33,6 +33,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -172,8 +173,6 @@ def breakdown(hlo_text: str, durations: dict[str, float], wall_s: float, runs: i
 def op_breakdown(compiled, run: Callable[[], Any], runs: int = 1, trace_dir: str | None = None):
     """Trace `runs` calls of `run` (which calls `compiled` and waits for it) and break
     the time down by operation (see the module doc)."""
-    import time
-
     with tempfile.TemporaryDirectory() as tmp:
         d = trace_dir or tmp
         with jax.profiler.trace(d, create_perfetto_trace=True):

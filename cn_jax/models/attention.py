@@ -163,6 +163,12 @@ def _over_groups(fn, *xs: jax.Array):
     return jax.lax.map(lambda a: fn(*a), xs)
 
 
+def _scores(qc: jax.Array, kt: jax.Array, scale: float) -> jax.Array:
+    """A tile's scaled scores in float32: the forward's softmax input, and the backward's
+    to recompute the probabilities from the saved log-sum-exp (they must match)."""
+    return jnp.matmul(qc, kt, preferred_element_type=jnp.float32) * scale
+
+
 def _tiled_forward(q, k, v, scale):
     """(out [b, nq, h, d], log-sum-exp [b, nq, h, 1] in float32)."""
     b, nq, h, _ = q.shape
@@ -173,7 +179,7 @@ def _tiled_forward(q, k, v, scale):
         kt = kg.swapaxes(-1, -2)
 
         def chunk(qc):
-            s = jnp.matmul(qc, kt, preferred_element_type=f32) * scale
+            s = _scores(qc, kt, scale)
             m = jnp.max(s, axis=-1, keepdims=True)
             p = jnp.exp(s - m)
             total = jnp.sum(p, axis=-1, keepdims=True)
@@ -214,7 +220,7 @@ def _tiled_bwd(scale, res, dout):
         kt, vt = kg.swapaxes(-1, -2), vg.swapaxes(-1, -2)
 
         def chunk(qc, doc, lsec, dc):
-            p = jnp.exp(jnp.matmul(qc, kt, preferred_element_type=f32) * scale - lsec)
+            p = jnp.exp(_scores(qc, kt, scale) - lsec)
             dv = jnp.matmul(p.swapaxes(-1, -2).astype(vg.dtype), doc, preferred_element_type=f32)
             dp = jnp.matmul(doc, vt, preferred_element_type=f32)
             ds = (p * (dp - dc) * scale).astype(q.dtype)
