@@ -44,6 +44,10 @@ class ModelConfig(_Section):
     # bfloat16/float16 where the head size allows, our cache-tiled kernel on CPU, XLA
     # elsewhere; xla | cudnn | tiled force one.
     attention: Literal["auto", "xla", "cudnn", "tiled"] = "auto"
+    # Convolution kernel (cn_jax.models.convolution): auto = XLA's on accelerators; on CPU
+    # one matrix product over the gathered taps (im2col) for 1x1 convolutions and small
+    # images, XLA's above; xla | im2col force one.
+    convolution: Literal["auto", "xla", "im2col"] = "auto"
 
     @field_validator("scheduler")
     @classmethod

@@ -180,6 +180,23 @@ def test_bench_attention_tiny(tmp_path, capsys):
     assert script.main(["--shape", "2,16,7"]) == 2
 
 
+def test_bench_conv_tiny(tmp_path, capsys):
+    """scripts/bench_conv.py runs (never timed): all three kernels and three parts on
+    one small shape, im2col's error against XLA's convolution small, auto's pick
+    reported, a bad --shape refused. (Correctness itself: tests/test_convolution.py.)"""
+    out = tmp_path / "conv.json"
+    script = _script("bench_conv")
+    assert script.main(["--shape", "2,6,4,5,3,2", "--repeats", "1", "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())
+    assert r["shape"] == [2, 6, 4, 5, 3, 2] and r["im2col_max_rel_err"] < 1e-5
+    assert r["auto"] in ("xla", "im2col")
+    for name in ("xla", "im2col", "torch"):
+        for part in ("fwd", "dx", "dw"):
+            assert r[f"{name}_{part}_ms"] > 0
+    assert "im2col / xla" in capsys.readouterr().out
+    assert script.main(["--shape", "2,6,4"]) == 2
+
+
 def test_bench_vs_diffusers_ratios():
     script = _script()
     args = script.parse_args(["--tasks", "controlnet,finetune", "--isolate"])
@@ -313,16 +330,25 @@ def test_flops_count_the_tiled_kernels_loops_in_full(monkeypatch):
     from cn_jax.config import load_config
     from cn_jax.models import attention as attn
 
-    def bench(impl):
-        return TrainBench(load_config(SMALL, [f"model.attention={impl}"]), run=False)
+    def bench(impl, conv="xla"):
+        overrides = [f"model.attention={impl}", f"model.convolution={conv}"]
+        return TrainBench(load_config(SMALL, overrides), run=False)
 
     xla = bench("xla")
     assert xla.flops_source == "step" and not measure.attention_loops(xla.compiled)
+    # im2col multiplies the padding zeros as well: its own count is higher, the
+    # twin's is the convolutions' (lowered, not compiled: XLA's optimiser moves the
+    # count by under 1%).
+    im2col = bench("xla", "im2col")
+    assert im2col.flops_source == "step with xla attention and convolutions (lowered)"
+    assert im2col.flops == pytest.approx(xla.flops, rel=0.02), (im2col.flops, xla.flops)
+    im2col_own = measure.program_flops(im2col.compiled)
+    assert im2col_own > 1.05 * im2col.flops, (im2col_own, im2col.flops)
     monkeypatch.setattr(attn, "FORWARD_TILE", 64)
     monkeypatch.setattr(attn, "BACKWARD_TILE", 64)
     tiled = bench("tiled")
     assert measure.attention_loops(tiled.compiled)
-    assert tiled.flops_source == "step with xla attention (lowered)"
+    assert tiled.flops_source == "step with xla attention and convolutions (lowered)"
     assert tiled.summary()["flops_counted_on"] == tiled.flops_source
     assert tiled.flops == pytest.approx(xla.flops, rel=0.02), (tiled.flops, xla.flops)
     # What the compiled step's own count would have said: far fewer (one tile a loop).

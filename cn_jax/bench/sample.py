@@ -27,6 +27,7 @@ from cn_jax.diffusion.guidance import denoise
 from cn_jax.diffusion.samplers import make_sampler
 from cn_jax.models.attention import set_attention_implementation
 from cn_jax.models.controlnet import ControlNet, init_controlnet_from_unet
+from cn_jax.models.convolution import set_conv_implementation
 from cn_jax.runtime import release_host_memory
 from cn_jax.train.loop import controlnet_config
 
@@ -38,6 +39,7 @@ def _load(config: Config, dtype):
 
     m = config.model
     set_attention_implementation(m.attention)
+    set_conv_implementation(m.convolution)
     if m.base is None:
         return random_pipeline(
             m.architecture, seed=config.train.seed, tokenizer=m.tokenizer, dtype=dtype,
@@ -183,6 +185,7 @@ class SampleBench:
         return {
             "architecture": c.model.architecture if c.model.base is None else c.model.base,
             "attention": c.model.attention,
+            "convolution": c.model.convolution,
             "precision": c.train.precision,
             "resolution": c.data.resolution,
             "batch": self.batch,

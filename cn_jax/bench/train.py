@@ -23,6 +23,7 @@ import numpy as np
 from cn_jax.bench import measure
 from cn_jax.config import Config
 from cn_jax.models.attention import attention_implementation
+from cn_jax.models.convolution import conv_implementation, may_leave_xla
 from cn_jax.runtime import release_host_memory
 from cn_jax.train import sharding as shd
 from cn_jax.train.loop import build
@@ -249,14 +250,15 @@ class TrainBench:
         release_host_memory()  # what the compiler freed (about 1 GiB at SD 1.5 shape)
         self.flops = measure.program_flops(self.compiled)
         self.flops_source = "step"
-        if measure.attention_loops(self.compiled):
+        if measure.attention_loops(self.compiled) or may_leave_xla():
             # XLA counts a loop body once, and the tiled attention kernel loops over
-            # tiles: count the same step's arithmetic on its loop-free twin, traced
-            # with JAX's attention. Lowered only, never compiled or run.
-            with attention_implementation("xla"):
+            # tiles; im2col convolutions multiply their padding zeros too. Count the
+            # same step's arithmetic on its twin traced with JAX's attention and XLA's
+            # convolutions. Lowered only, never compiled or run.
+            with attention_implementation("xla"), conv_implementation("xla"):
                 twin = jitted_step().lower(*args)
             self.flops = measure.program_flops(twin)
-            self.flops_source = "step with xla attention (lowered)"
+            self.flops_source = "step with xla attention and convolutions (lowered)"
         self.memory = measure.program_memory(self.compiled)
         self.metrics: dict[str, Any] | None = None
 
@@ -275,6 +277,7 @@ class TrainBench:
         out = {
             "architecture": c.model.architecture if c.model.base is None else c.model.base,
             "attention": c.model.attention,
+            "convolution": c.model.convolution,
             "trainable": c.train.trainable,
             "precision": c.train.precision,
             "batch_size": c.train.batch_size,

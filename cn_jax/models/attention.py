@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cn_jax.models.layers import Dtype, group_norm, torch_like_kernel_init
+from cn_jax.models.layers import Dtype, conv, group_norm, torch_like_kernel_init
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "tiled")
 _implementation = "auto"
@@ -373,10 +373,7 @@ class Transformer2DModel(nn.Module):
         if self.use_linear_projection:
             h = _dense(inner, d, p, "proj_in")(h.reshape(b, hgt * wid, ch))
         else:
-            h = nn.Conv(
-                inner, (1, 1), dtype=d, param_dtype=p, kernel_init=torch_like_kernel_init,
-                name="proj_in",
-            )(h).reshape(b, hgt * wid, inner)  # fmt: skip
+            h = conv(inner, 1, d, p, "proj_in", padding=0)(h).reshape(b, hgt * wid, inner)
         for i in range(self.num_layers):
             h = BasicTransformerBlock(
                 self.heads,
@@ -390,8 +387,5 @@ class Transformer2DModel(nn.Module):
         if self.use_linear_projection:
             h = _dense(ch, d, p, "proj_out")(h).reshape(b, hgt, wid, ch)
         else:
-            h = nn.Conv(
-                ch, (1, 1), dtype=d, param_dtype=p, kernel_init=torch_like_kernel_init,
-                name="proj_out",
-            )(h.reshape(b, hgt, wid, inner))  # fmt: skip
+            h = conv(ch, 1, d, p, "proj_out", padding=0)(h.reshape(b, hgt, wid, inner))
         return h + residual

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cn_jax.models.convolution import Conv2D
+
 Dtype = jnp.dtype | type
 
 # PyTorch's default Conv/Linear init (kaiming_uniform with a=sqrt(5)) is
@@ -96,13 +98,13 @@ def conv(
     padding: int | tuple = 1,
     kernel_init=torch_like_kernel_init,
     bias_init=nn.initializers.zeros,
-) -> nn.Conv:
+) -> Conv2D:
     pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
-    return nn.Conv(
+    return Conv2D(
         features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=pad,
+        kernel,
+        strides=stride,
+        padding=tuple(tuple(side) for side in pad),
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=kernel_init,
@@ -111,7 +113,7 @@ def conv(
     )
 
 
-def zero_conv(features: int, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Conv:
+def zero_conv(features: int, dtype: Dtype, param_dtype: Dtype, name: str) -> Conv2D:
     """1x1 convolution with weight and bias initialised to zero (ControlNet's Z)."""
     return conv(
         features,

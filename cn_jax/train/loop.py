@@ -25,6 +25,7 @@ from cn_jax.diffusion.schedule import NoiseScheduleConfig
 from cn_jax.models.attention import set_attention_implementation
 from cn_jax.models.config import ControlNetConfig
 from cn_jax.models.controlnet import ControlNet, init_controlnet_from_unet
+from cn_jax.models.convolution import set_conv_implementation
 from cn_jax.runtime import release_host_memory
 from cn_jax.train import sharding as shd
 from cn_jax.train.checkpoint import Checkpointer
@@ -89,6 +90,7 @@ def build(config: Config):
     """Models, the full parameter tree, and the base bundle."""
     dtype = jnp.bfloat16 if config.train.precision == "bfloat16" else jnp.float32
     set_attention_implementation(config.model.attention)
+    set_conv_implementation(config.model.convolution)
     sd = load_base(config, dtype)
     latent_factor = 1 if sd.vae is None else sd.vae.config.latent_factor
     cnet = None
