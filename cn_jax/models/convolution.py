@@ -17,10 +17,10 @@ checkpoints are unchanged); `set_conv_implementation` (the config key
 
 Why: XLA's CPU convolutions are slow on small images with many channels, the
 shape of SD 1.5's lowest resolutions: measured on 2 cores at 8x8 x 1,280
-channels, batch 4, forward / input gradient / weight gradient took 84 / 129 /
-88 ms through XLA against 40 / 39 / 58 ms as one matrix product; at 4x4,
-46 / 85 / 57 against 17 / 12 / 28. At 32x32 x 320 the gather costs more
-than it saves (47 / 48 / 57 against 72 / 57 / 88 ms). docs/benchmarks.md has
+channels, batch 4, forward / input gradient / weight gradient took 74 / 103 /
+82 ms through XLA against 40 / 42 / 62 ms as one matrix product; at 4x4,
+49 / 78 / 46 against 19 / 15 / 35. At 32x32 x 320 the gather costs more
+than it saves (47 / 47 / 59 against 70 / 51 / 67 ms). docs/benchmarks.md has
 the table and the step-level effect.
 
 Padding zeros are multiplied like any tap in the im2col product, so XLA's
@@ -42,8 +42,9 @@ import jax.numpy as jnp
 
 CONV_IMPLEMENTATIONS = ("auto", "xla", "im2col")
 # Output pixels (batch x height x width) up to which "auto" takes im2col on the
-# CPU: it won every direction at 256 and below in the sweep of 3x3 convolutions
-# with 320 to 1,280 channels, and lost the forward pass at 1,024 and above.
+# CPU: it won every direction at 256 and below for SD's 3x3 convolutions with
+# 640 to 2,560 channels (scripts/bench_conv.py); at 1,024 it lost the forward
+# pass with 640 channels, and the SD 1.5 step with 1,024 was no faster.
 IM2COL_MAX_ROWS = 256
 _implementation = "auto"
 
@@ -119,7 +120,7 @@ def im2col_conv(
 ) -> jax.Array:
     """`conv2d` as one matrix product over the gathered taps (see module doc)."""
     kh, kw, _, cout = kernel.shape
-    if (kh, kw) != (1, 1) or any(padding[0] + padding[1]):
+    if any(padding[0] + padding[1]):
         x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     sh, sw = strides
     ho = (x.shape[1] - kh) // sh + 1
