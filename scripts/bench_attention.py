@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
+
+from cn_jax.bench import measure
 
 DEFAULT_SHAPES = ("4,1024,1024,8,40", "4,1024,77,8,40", "1,4096,4096,8,40")
 
@@ -123,21 +123,11 @@ def bench_shape(shape, dtype: str, repeats: int, use_torch: bool) -> dict:
         theirs = _torch_kernels(shape, dtype)
         if theirs is not None:
             kernels["torch"] = theirs
-    times = {name: {"fwd": [], "fwd+bwd": []} for name in kernels}
-    for part in ("fwd", "fwd+bwd"):
-        for fns in kernels.values():
-            fns[part]()  # warm-up
-        for _ in range(repeats):
-            for name, fns in kernels.items():
-                t0 = time.perf_counter()
-                fns[part]()
-                times[name][part].append(time.perf_counter() - t0)
     row = {"shape": list(shape), "dtype": dtype, "tiled_max_rel_err": err}
-    for name, parts in times.items():
-        for part, ts in parts.items():
-            row[f"{name}_{part}_ms"] = 1e3 * statistics.median(ts)
-        if "temp_bytes" in kernels[name]:
-            row[f"{name}_temp_bytes"] = kernels[name]["temp_bytes"]
+    row.update(measure.kernel_times_ms(kernels, ("fwd", "fwd+bwd"), repeats))
+    for name, fns in kernels.items():
+        if "temp_bytes" in fns:
+            row[f"{name}_temp_bytes"] = fns["temp_bytes"]
     return row
 
 

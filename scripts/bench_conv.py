@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
+
+from cn_jax.bench import measure
 
 DEFAULT_SHAPES = (
     "4,32,320,320,3,1",
@@ -130,19 +130,8 @@ def bench_shape(shape, repeats: int, use_torch: bool) -> dict:
         theirs = _torch_kernels(shape)
         if theirs is not None:
             kernels["torch"] = theirs
-    times = {name: {part: [] for part in PARTS} for name in kernels}
-    for part in PARTS:
-        for fns in kernels.values():
-            fns[part]()  # warm-up
-        for _ in range(repeats):
-            for name, fns in kernels.items():
-                t0 = time.perf_counter()
-                fns[part]()
-                times[name][part].append(time.perf_counter() - t0)
     row = {"shape": list(shape), "auto": auto, "im2col_max_rel_err": err}
-    for name, parts in times.items():
-        for part, ts in parts.items():
-            row[f"{name}_{part}_ms"] = 1e3 * statistics.median(ts)
+    row.update(measure.kernel_times_ms(kernels, PARTS, repeats))
     return row
 
 

@@ -15,9 +15,10 @@ Caveats (written here once, quoted by the reports):
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -143,6 +144,34 @@ def interleave(runners: Mapping[str, Callable[[], float]], rounds: int) -> dict[
         for name, run in runners.items():
             times[name].append(float(run()))
     return times
+
+
+def kernel_times_ms(
+    kernels: Mapping[str, Mapping[str, Callable[[], Any]]], parts: Sequence[str], repeats: int
+) -> dict[str, float]:
+    """`{"<kernel>_<part>_ms": median}` for kernels that each run the same parts (e.g.
+    forward, backward): per part, every kernel called once to warm up, then `repeats`
+    rounds of `interleave` (the kernels alternate call by call)."""
+    row: dict[str, float] = {}
+    for part in parts:
+        runners = {name: (lambda fn=fns[part]: timed(fn)[0]) for name, fns in kernels.items()}
+        interleave(runners, 1)  # warm-up
+        for name, ts in interleave(runners, repeats).items():
+            row[f"{name}_{part}_ms"] = 1e3 * median(ts)
+    return row
+
+
+@contextlib.contextmanager
+def counting_kernels() -> Iterator[None]:
+    """Trace with the kernels FLOPs are counted on: JAX's attention and XLA's
+    convolutions. XLA counts a loop body once (the tiled attention kernel loops
+    over tiles) and im2col convolutions multiply their padding zeros too, so a
+    program using those is counted on its twin traced inside this block."""
+    from cn_jax.models.attention import attention_implementation
+    from cn_jax.models.convolution import conv_implementation
+
+    with attention_implementation("xla"), conv_implementation("xla"):
+        yield
 
 
 def median(xs) -> float | None:

@@ -22,8 +22,7 @@ import numpy as np
 
 from cn_jax.bench import measure
 from cn_jax.config import Config
-from cn_jax.models.attention import attention_implementation
-from cn_jax.models.convolution import conv_implementation, may_leave_xla
+from cn_jax.models.convolution import may_leave_xla
 from cn_jax.runtime import release_host_memory
 from cn_jax.train import sharding as shd
 from cn_jax.train.loop import build
@@ -135,8 +134,9 @@ class TrainBench:
     Attributes:
       compiled: the AOT-compiled step; `compile_s` / `lower_s` its build times.
       flops: XLA's FLOPs of one step (per device; `flops_source` says which program
-        was counted: the step, or with the tiled attention kernel's loops its
-        loop-free twin); `memory`: `measure.program_memory`.
+        was counted: the step, or, with tiled attention loops or im2col
+        convolutions possible, its twin traced in `measure.counting_kernels`);
+        `memory`: `measure.program_memory`.
       state, frozen, batch, rng: the step's arguments (None with `run=False`).
     """
 
@@ -255,7 +255,7 @@ class TrainBench:
             # tiles; im2col convolutions multiply their padding zeros too. Count the
             # same step's arithmetic on its twin traced with JAX's attention and XLA's
             # convolutions. Lowered only, never compiled or run.
-            with attention_implementation("xla"), conv_implementation("xla"):
+            with measure.counting_kernels():
                 twin = jitted_step().lower(*args)
             self.flops = measure.program_flops(twin)
             self.flops_source = "step with xla attention and convolutions (lowered)"
