@@ -135,6 +135,22 @@ def test_release_host_memory_returns_freed_pages():
     assert r["after"] < r["freed"] - 150, r  # handed back (most of the 286 MiB)
 
 
+def test_release_host_memory_drops_jax_caches_but_keeps_compiled():
+    import jax
+    import jax.numpy as jnp
+
+    traced = jax.jit(lambda x: x * 2.0)
+    traced(jnp.ones(3))  # traced and compiled: cached
+    compiled = jax.jit(lambda x: x + 1.0).lower(jnp.ones(3)).compile()
+    assert traced._cache_size() == 1
+    runtime.release_host_memory()
+    assert traced._cache_size() == 1  # the caches stay unless asked
+    runtime.release_host_memory(jax_caches=True)
+    assert traced._cache_size() == 0
+    assert float(compiled(jnp.ones(3))[0]) == 2.0  # ahead-of-time executables stay
+    assert float(traced(jnp.ones(3))[0]) == 2.0  # recompiled on demand
+
+
 @cpu_only
 @pytest.mark.skipif(f"{FLAG}=true" in os.environ.get("XLA_FLAGS", ""), reason="user's choice")
 def test_this_test_process_runs_memory_first():

@@ -160,7 +160,9 @@ class SampleBench:
         self.compile_s["decode"] = None
         if vae is not None:
             self._decode = compile_("decode", decode, self.params["vae"], self.latents)
-        release_host_memory()  # what set-up and the compiler freed (cn_jax.runtime)
+        # What set-up and the compiler freed, and the traced init programs: every
+        # function run from here on is compiled ahead of time (cn_jax.runtime).
+        release_host_memory(jax_caches=True)
 
     def _loop_args(self):
         p = self.params

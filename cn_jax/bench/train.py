@@ -227,7 +227,7 @@ class TrainBench:
             )
         del trainable, frozen
         if run:
-            release_host_memory()
+            release_host_memory(jax_caches=True)  # the weight-init programs too
         self.setup_s = time.perf_counter() - t0
 
         # == Compile the step ahead of time (as loop.train does) ==
@@ -259,8 +259,12 @@ class TrainBench:
                 twin = jitted_step().lower(*args)
             self.flops = measure.program_flops(twin)
             self.flops_source = "step with xla attention and convolutions (lowered)"
+            del twin
         self.memory = measure.program_memory(self.compiled)
         self.metrics: dict[str, Any] | None = None
+        if run:
+            # The twin's trace and what counting freed (the step is `self.compiled`).
+            release_host_memory(jax_caches=True)
 
     def step(self) -> float:
         """Run one step on the synthetic batch; returns its wall time in seconds."""

@@ -177,7 +177,9 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
         data_position = meta.get("data_position")
         log.info("resumed from step %d", int(state.step))
     start_step = int(state.step)
-    release_host_memory()  # the set-up's freed host buffers (cn_jax.runtime)
+    # The set-up's freed host buffers and its traced weight-init programs; nothing
+    # is compiled yet that a later step needs (cn_jax.runtime).
+    release_host_memory(jax_caches=True)
 
     # == Data ==
     if config.data.path is None:
