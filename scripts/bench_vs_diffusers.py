@@ -7,7 +7,10 @@ Tasks (--tasks, comma-separated):
               UNet2DConditionModel (requires_grad False) + ControlNetModel,
               DDPM noise, MSE on eps, backward, global-norm clipping as
               `train.max_grad_norm`, torch.optim.AdamW with the config's
-              hyperparameters, zero_grad(set_to_none=True).
+              hyperparameters, zero_grad(set_to_none=True). Its parts are
+              timed too (`theirs_parts_s`: forward, backward, clip, optimizer);
+              ours are one fused program (split them with
+              `python -m cn_jax.bench.profile --ops`).
   finetune    the same step training the whole UNet, no ControlNet.
   sample      the sampling loop: `--sample-steps` DDIM steps with CFG (one
               2B batch per step) and `--controlnets` ControlNets. Ours:
@@ -59,6 +62,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("controlnet", "finetune", "sample")
+# The parts of a PyTorch training step timed separately (`theirs_parts_s`): noise +
+# forward + loss, backward, gradient clipping, AdamW step + zero_grad.
+TRAIN_PARTS = ("forward", "backward", "clip", "optimizer")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -199,12 +205,13 @@ class TorchTrain:
         self.scheduler = DDPMScheduler.from_config(spec["scheduler"])
         self.latents, self.ctx, _, self.cond = _inputs(spec, device)
         self.loss = None
+        self.parts: list[dict[str, float]] = []  # seconds per part, one dict per step
 
     def step(self) -> float:
         import torch
         import torch.nn.functional as F
 
-        t0 = time.perf_counter()
+        marks = [time.perf_counter()]
         b = self.latents.shape[0]
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), device=self.device)
         noise = torch.randn_like(self.latents)
@@ -223,14 +230,24 @@ class TorchTrain:
                 mid_block_additional_residual=mid, return_dict=False,
             )[0]  # fmt: skip
         loss = F.mse_loss(pred.float(), noise.float())
+        self._mark(marks)
         loss.backward()
+        self._mark(marks)
         if self.spec["optimizer"]["max_grad_norm"] is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.spec["optimizer"]["max_grad_norm"])
+        self._mark(marks)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.loss = float(loss.detach())  # waits for the step
+        self._mark(marks)
+        self.parts.append({k: t1 - t0 for k, t0, t1 in zip(TRAIN_PARTS, marks, marks[1:])})
+        return marks[-1] - marks[0]
+
+    def _mark(self, marks: list[float]) -> None:
+        # On the CPU every part has finished when its call returns; on CUDA the
+        # synchronisation between parts costs a little of the step's overlap.
         _sync(self.device)
-        return time.perf_counter() - t0
+        marks.append(time.perf_counter())
 
 
 class TorchSample:
@@ -313,7 +330,13 @@ def theirs_runner(spec: dict, task: str, args):
         s = TorchSample(spec, args.controlnets, args.sample_steps, args.guidance, args.torch_device)
         return s.run_loop, {}
     t = TorchTrain(spec, controlnet=task == "controlnet", device=args.torch_device)
-    return t.step, {}
+    return t.step, {"parts_s": t.parts}  # filled by each step
+
+
+def _after_warmup(info: dict) -> None:
+    """Forget the per-part times of the warm-up calls (kept: the timed ones)."""
+    if "parts_s" in info:
+        del info["parts_s"][:]
 
 
 def _timed_calls(task: str, args) -> int:
@@ -355,6 +378,8 @@ def run_in_process(args, config, spec) -> dict:
         for _ in range(args.warmup):
             for run in runners.values():
                 run()
+        for side in runners:
+            _after_warmup(info[(task, side)])
         times[task] = {k: [] for k in runners}
         for _ in range(_timed_calls(task, args)):
             for side, run in runners.items():
@@ -374,6 +399,7 @@ def run_child(args) -> None:
         run, info = ours_runner(load(args), task, args)
     for _ in range(args.warmup):
         run()
+    _after_warmup(info)
     setup_peak = _peak_rss()
     reset = _reset_peak_rss()
     times = [run() for _ in range(_timed_calls(task, args))]
@@ -408,7 +434,10 @@ def run_isolated(args, spec) -> dict:
                         raise RuntimeError(f"{side}:{task} failed (exit {proc.returncode})")
                     r = json.loads(line[len("RESULT ") :])
                     times[task][side] += r["times"]
+                    parts = info.get((task, side), {}).get("parts_s", [])
                     info[(task, side)] = r["info"]
+                    if "parts_s" in r["info"]:  # every round's steps
+                        r["info"]["parts_s"] = parts + r["info"]["parts_s"]
                     for key in ("peak_rss_bytes", "steps_peak_rss_bytes"):
                         prev = rss.get((task, side, key)) or 0
                         rss[(task, side, key)] = max(prev, r[key] or 0) or None
@@ -468,6 +497,9 @@ def summarize(args, spec: dict, measured: dict) -> dict:
             "theirs_times_s": times[task]["theirs"],
             "ours_info": measured["info"].get((task, "ours"), {}),
         }
+        parts = measured["info"].get((task, "theirs"), {}).get("parts_s")
+        if parts:  # training tasks: where PyTorch's step goes
+            r["theirs_parts_s"] = {k: statistics.median(x[k] for x in parts) for k in TRAIN_PARTS}
         for key in ("peak_rss_bytes", "steps_peak_rss_bytes"):
             for side in ("ours", "theirs"):
                 r[f"{side}_{key}"] = rss.get((task, side, key))
@@ -521,6 +553,10 @@ def format_summary(r: dict) -> str:
             f"{s['ours_it_per_s']:.4g} it/s, theirs {s['theirs_it_per_s']:.4g} it/s "
             f"({r['sampling_reference']})"
         )
+    for task in TASKS:
+        if "theirs_parts_s" in r.get(task, {}):
+            split = ", ".join(f"{k} {v:.3g}" for k, v in r[task]["theirs_parts_s"].items())
+            lines.append(f"PyTorch {task} step, median s per part: {split}")
     if any(r[t]["ours_steps_peak_rss_bytes"] for t in TASKS if t in r):
         lines.append("peak RSS during the timed calls only (after warm-up):")
         for task in TASKS:

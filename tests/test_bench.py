@@ -161,7 +161,12 @@ def test_bench_vs_diffusers_tiny(tmp_path, capsys):
     assert t["time_ratio"] == t["ours_s"] / t["theirs_s"]
     assert t["ours_peak_rss_bytes"] is None  # one process: not split per side
     assert t["ours_info"]["flops_per_step"] > 0
-    assert "ours/theirs" in capsys.readouterr().out
+    # PyTorch's step split into its parts: one timed step, so they add up to it
+    parts = t["theirs_parts_s"]
+    assert list(parts) == ["forward", "backward", "clip", "optimizer"]
+    assert min(parts.values()) > 0 and sum(parts.values()) == pytest.approx(t["theirs_s"])
+    out = capsys.readouterr().out
+    assert "ours/theirs" in out and "PyTorch controlnet step, median s per part" in out
 
 
 def test_bench_attention_tiny(tmp_path, capsys):
@@ -206,7 +211,11 @@ def test_bench_vs_diffusers_ratios():
              ("finetune", "theirs"): 5}  # fmt: skip
     rss = {(*k, "peak_rss_bytes"): v for k, v in peaks.items()}
     spec = {"batch": 1, "resolution": 8, "precision": "float32"}
-    r = script.summarize(args, spec, {"times": times, "info": {}, "rss": rss})
+    parts = [{"forward": f, "backward": 2.0, "clip": 0.5, "optimizer": 1.0} for f in (1, 2, 6)]
+    info = {("finetune", "theirs"): {"parts_s": parts}}
+    r = script.summarize(args, spec, {"times": times, "info": info, "rss": rss})
+    assert r["finetune"]["theirs_parts_s"]["forward"] == 2  # median per part
+    assert "theirs_parts_s" not in r["controlnet"]  # none recorded
     assert r["controlnet"]["ours_s"] == 2.0 and r["controlnet"]["time_ratio"] == 0.5
     assert r["controlnet"]["rss_ratio"] == 0.75 and r["controlnet"]["steps_rss_ratio"] is None
     c = r["controlnet_vs_finetune"]

@@ -116,6 +116,38 @@ def learning_rate_schedule(config: TrainConfig, peak: float) -> optax.Schedule:
     )
 
 
+def global_norm(tree: Any) -> jax.Array:
+    """The L2 norm of all leaves together (what `optax.tree.norm` computes for
+    real leaves). The train step's clipping and its `grad_norm` metric both use
+    this one expression, so XLA computes the norm once."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` as one multiply per leaf: t * min(1, max_norm / norm).
+
+    optax picks between each gradient and its clipped copy with a `lax.select`
+    on the scalar "norm < max_norm"; XLA's CPU backend does not fuse that
+    select into the AdamW update that reads it and materialises the clipped
+    gradients, a second gradient-sized temporary and one more pass over
+    memory every step (SD 1.5 ControlNet: 1.44 GB; in a clipping + AdamW
+    update over 361M parameters, 0.68 s against 0.32 s with the multiply, 2
+    CPU cores). The multiply fuses. Results are optax's: the gradients times
+    exactly 1.0 when the norm is within `max_norm` (or zero), scaled by
+    max_norm / norm (one rounding apart from optax's (t / norm) * max_norm)
+    when not; a NaN or infinite norm gives NaN or zero updates as in optax. The
+    state is optax's `EmptyState`, so checkpoints are the same either way.
+    """
+
+    def update(updates, state, params=None):
+        del params
+        scale = jnp.minimum(1.0, max_norm / global_norm(updates))
+        return jax.tree_util.tree_map(lambda t: t * scale.astype(t.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(config: TrainConfig, label_tree: Mapping) -> optax.GradientTransformation:
     """AdamW per learning-rate group, after optional global-norm clipping.
 
@@ -140,7 +172,7 @@ def make_optimizer(config: TrainConfig, label_tree: Mapping) -> optax.GradientTr
     }
     tx = optax.multi_transform(transforms, label_tree)
     if config.max_grad_norm is not None:
-        tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), tx)
+        tx = optax.chain(clip_by_global_norm(config.max_grad_norm), tx)
     return tx
 
 

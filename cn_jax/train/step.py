@@ -27,7 +27,7 @@ from cn_jax.models.clip_text import CLIPTextModel
 from cn_jax.models.controlnet import ControlNet
 from cn_jax.models.unet import UNet
 from cn_jax.models.vae import AutoencoderKL
-from cn_jax.train.state import TrainState, merge
+from cn_jax.train.state import TrainState, global_norm, merge
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +184,7 @@ def make_train_step(
         if ema_decay is not None:
             d = ema_decay_at(state.step + 1, ema_decay)
             ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": global_norm(grads)}
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema
         )
