@@ -269,9 +269,10 @@ def test_clipping_fuses_into_the_update():
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s
 
-    compiled = jax.jit(update, donate_argnums=(0, 2)).lower(params, grads, tx.init(params))
-    temp = compiled.compile().memory_analysis().temp_size_in_bytes
+    lowered = jax.jit(update, donate_argnums=(0, 2)).lower(params, grads, tx.init(params))
+    compiled = lowered.compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
     grad_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(grads))
     assert temp < 0.1 * grad_bytes, (temp, grad_bytes)
-    p, s = compiled.compile()(params, grads, tx.init(params))
+    p, s = compiled(params, grads, tx.init(params))
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(p))
