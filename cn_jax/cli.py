@@ -22,6 +22,11 @@ def _info(args: argparse.Namespace) -> int:
 
     print(f"cn_jax {cn_jax.__version__}, jax {jax.__version__}, flax {flax.__version__}")
     print(f"backend {jax.default_backend()}: {jax.devices()}")
+    from cn_jax import runtime
+
+    pages = "transparent huge pages" if runtime.host_hugepages() else "4 KiB pages"
+    print(f"host memory: {pages} (kernel THP: {runtime.thp_mode()}); "
+          f"XLA CPU scheduler: {runtime.cpu_scheduler()}")  # fmt: skip
     return 0
 
 
@@ -400,6 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `cn-jax` command (argv None: this process's command line) or one call of it."""
+    if argv is None:  # the command itself: start over with huge pages where they help
+        from cn_jax import runtime
+
+        runtime.reexec_with_hugepages()
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) == "sample" and args.scale is None:
         args.scale = [1.0]

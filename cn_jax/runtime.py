@@ -27,6 +27,30 @@ default back.
 `release_host_memory()` hands freed host memory back to the OS after set-up
 and after compiling (`loop.train`, `TrainBench`, `SampleBench`): with it and the scheduler
 above, that b4 step's process peaks at 11.8 GiB.
+
+## Huge pages
+
+XLA's CPU client allocates a compiled program's temporaries (a train step's
+gradients and activations: 1.6 GB for an SD 1.5 ControlNet step at 256 px,
+batch 1; 3.6 GB when fine-tuning the UNet) with `malloc` at every call, and
+glibc serves blocks that large with a fresh `mmap` that it unmaps again on
+`free`: every step the kernel faults in and zeroes that memory anew, 4 KiB a
+page (about 400,000 page faults and 1.8 s of kernel time per ControlNet step
+on a 2-core VM, measured). With glibc's `glibc.malloc.hugetlb=1` tunable
+malloc asks for transparent huge pages (`madvise(MADV_HUGEPAGE)`), 2 MiB a
+fault: about 1,000 faults a step (docs/benchmarks.md, "Host memory").
+
+glibc reads its tunables once, when a process starts, so this cannot be
+switched on from Python. `hugepage_env()` is the environment to run with,
+and the `cn-jax` command re-executes itself once with it
+(`reexec_with_hugepages`) where it changes something: Linux with glibc 2.35
+or later, the kernel's transparent huge pages in `madvise` mode (with
+`always` every large mapping gets them anyway; with `never` none can), no
+accelerator plugin (the temporaries then live in device memory), and
+neither `GLIBC_TUNABLES` naming the tunable already nor
+`CN_JAX_HUGEPAGES=0` (the user's choice stands). Programs that import
+cn_jax as a library run as they were started: export
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` for the same effect.
 """
 
 from __future__ import annotations
@@ -37,6 +61,8 @@ import importlib.util
 import mmap
 import os
 import pkgutil
+import re
+import sys
 from pathlib import Path
 
 SCHEDULER_FLAG = "xla_cpu_enable_concurrency_optimized_scheduler"
@@ -157,6 +183,87 @@ def _malloc_trim():
         return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return None
+
+
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb"
+THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+_OFF = ("0", "false", "no", "off")
+
+
+def thp_mode(path: Path | str = THP_ENABLED) -> str | None:
+    """The kernel's transparent huge page mode ("always", "madvise" or "never");
+    None where there is none to read (not Linux, or no THP support)."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    m = re.search(r"\[(\w+)\]", text)
+    return m.group(1) if m else None
+
+
+def glibc_version() -> tuple[int, int] | None:
+    """(major, minor) of the C library's glibc; None for another C library."""
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        major, minor = version.split(".")[:2]
+        return (int(major), int(minor)) if name == "glibc" else None
+    except (AttributeError, ValueError, OSError):  # no confstr, or not glibc
+        return None
+
+
+def hugepage_env(environ: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The environment under which glibc's malloc uses transparent huge pages
+    (`environ`, default `os.environ`, with `glibc.malloc.hugetlb=1` appended to
+    `GLIBC_TUNABLES`), or None where starting with it would change nothing: see
+    "Huge pages" in the module doc."""
+    env = dict(os.environ if environ is None else environ)
+    if env.get("CN_JAX_HUGEPAGES", "").strip().lower() in _OFF:
+        return None
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if HUGEPAGE_TUNABLE in tunables:  # set by the user, or by the re-execution
+        return None
+    if thp_mode() != "madvise":
+        return None
+    version = glibc_version()
+    if version is None or version < (2, 35):  # the tunable arrived in glibc 2.35
+        return None
+    if accelerator_plugins():
+        return None
+    env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, f"{HUGEPAGE_TUNABLE}=1") if t)
+    return env
+
+
+def host_hugepages(environ: dict[str, str] | None = None) -> bool:
+    """Whether a process started with `environ` (default: this one's) gets transparent
+    huge pages for its large host allocations: the kernel gives them to every large
+    mapping (`always`), or it is in `madvise` mode and glibc is told to ask
+    (`glibc.malloc.hugetlb` 1 or 2 in `GLIBC_TUNABLES`, glibc 2.35 or later)."""
+    mode = thp_mode()
+    if mode == "always":
+        return True
+    env = os.environ if environ is None else environ
+    tunables = dict(t.partition("=")[::2] for t in env.get("GLIBC_TUNABLES", "").split(":") if t)
+    version = glibc_version()
+    return (
+        mode == "madvise"
+        and version is not None
+        and version >= (2, 35)
+        and tunables.get(HUGEPAGE_TUNABLE) in ("1", "2")
+    )
+
+
+def reexec_with_hugepages() -> None:
+    """Replace this process by the same command under `hugepage_env()`, where that
+    changes something and JAX has not started; otherwise return. For commands
+    (the `cn-jax` CLI), never for a library call: the process starts over."""
+    env = hugepage_env()
+    if env is None or _jax_started():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # sys.orig_argv: the interpreter's own options and the way it was started
+    # (a console script, -m, -c) come back as they were.
+    os.execve(sys.executable, sys.orig_argv, env)
 
 
 set_default_flags()

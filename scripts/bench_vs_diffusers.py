@@ -38,6 +38,13 @@ Modes:
               reset after warm-up). Needed where all sides do not fit in memory
               at once (SD 1.5 shapes on a small machine).
 
+Host memory: our side runs as the `cn-jax` command runs, with glibc's
+malloc asking for transparent huge pages where that changes something
+(`cn_jax.runtime.hugepage_env`: fewer page faults on the temporaries XLA
+allocates at every call); `--hugepages both` gives PyTorch's side the same
+environment, `none` neither (`hugepages` in the JSON says what each side had).
+In one process (no --isolate) both sides share one setting: ours unless none.
+
 torch uses --threads threads (default: the CPUs this process may run on, as
 XLA's CPU client does) and flushes denormals, as XLA does.
 
@@ -84,6 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--isolate", action="store_true", help="one subprocess per side and task")
     p.add_argument("--rounds", type=int, default=2, help="--isolate: alternations per task")
     p.add_argument("--torch-device", default="cpu")
+    p.add_argument(
+        "--hugepages", choices=("ours", "both", "none"), default="ours",
+        help="which sides run with glibc malloc's huge pages (cn_jax.runtime.hugepage_env)",
+    )  # fmt: skip
     p.add_argument("--json", default=None, help="write the result as JSON here")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # child: SIDE:TASK
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)  # child (theirs): spec file
@@ -413,9 +424,19 @@ def run_child(args) -> None:
     print("RESULT " + json.dumps(out, default=str), flush=True)
 
 
+def side_env(args, side: str) -> dict[str, str]:
+    """The environment of one side's subprocess (--hugepages)."""
+    from cn_jax import runtime
+
+    if args.hugepages == "both" or (args.hugepages == "ours" and side == "ours"):
+        return runtime.hugepage_env() or dict(os.environ)
+    return dict(os.environ)
+
+
 def run_isolated(args, spec) -> dict:
     """Alternate one subprocess per (side, task), --rounds times."""
     times, info, rss = {}, {}, {}
+    envs = {side: side_env(args, side) for side in ("ours", "theirs")}
     with tempfile.TemporaryDirectory() as tmp:
         spec_file = Path(tmp) / "spec.json"
         spec_file.write_text(json.dumps(spec))
@@ -425,7 +446,9 @@ def run_isolated(args, spec) -> dict:
             for _ in range(args.rounds):
                 for side in ("ours", "theirs"):
                     cmd = [*base, "--only", f"{side}:{task}", "--spec", str(spec_file)]
-                    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                    proc = subprocess.run(
+                        cmd, capture_output=True, text=True, check=False, env=envs[side]
+                    )
                     line = next(
                         (x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None
                     )
@@ -441,7 +464,7 @@ def run_isolated(args, spec) -> dict:
                     for key in ("peak_rss_bytes", "steps_peak_rss_bytes"):
                         prev = rss.get((task, side, key)) or 0
                         rss[(task, side, key)] = max(prev, r[key] or 0) or None
-    return {"times": times, "info": info, "rss": rss}
+    return {"times": times, "info": info, "rss": rss, "envs": envs}
 
 
 def _child_argv(args) -> list[str]:
@@ -468,6 +491,8 @@ def summarize(args, spec: dict, measured: dict) -> dict:
     import jax
     import torch
 
+    from cn_jax import runtime
+
     out = {
         "config": str(args.config),
         "overrides": list(args.overrides),
@@ -483,6 +508,10 @@ def summarize(args, spec: dict, measured: dict) -> dict:
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,
         },  # fmt: skip
+        "hugepages": {
+            side: runtime.host_hugepages(measured.get("envs", {}).get(side))
+            for side in ("ours", "theirs")
+        },
         "sampling_reference": "manual loop equal to StableDiffusionControlNetPipeline's "
         "denoising loop (DDIM, CFG), no text encoding or VAE decode",
     }
@@ -533,7 +562,8 @@ def format_summary(r: dict) -> str:
     num = lambda x, f="{:.3f}": "-" if x is None else f.format(x)  # noqa: E731
     lines = [
         f"cn_jax vs diffusers: batch {r['batch']}, {r['resolution']} px, {r['precision']}, "
-        f"{r['threads']} thread(s), {r['mode']}, interleaved",
+        f"{r['threads']} thread(s), {r['mode']}, interleaved; huge pages: ours "
+        f"{r['hugepages']['ours']}, theirs {r['hugepages']['theirs']}",
         f"{'task':<12}{'ours':>12}{'theirs':>12}{'ours/theirs':>13}{'RSS ours':>12}"
         f"{'RSS theirs':>12}{'RSS ratio':>11}",
     ]
@@ -582,6 +612,10 @@ def main(argv=None) -> int:
     if args.only:
         run_child(args)
         return 0
+    if argv is None and not args.isolate and args.hugepages != "none":
+        from cn_jax import runtime
+
+        runtime.reexec_with_hugepages()  # one process (the command): both sides get ours
     config = load(args)
     spec = torch_spec(config)
     measured = run_isolated(args, spec) if args.isolate else run_in_process(args, config, spec)

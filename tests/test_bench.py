@@ -224,6 +224,21 @@ def test_bench_vs_diffusers_ratios():
     assert "ControlNet / fine-tune" in script.format_summary(r)
 
 
+def test_bench_vs_diffusers_hugepages_per_side(monkeypatch):
+    # --hugepages: which side's subprocess gets cn_jax.runtime.hugepage_env().
+    script = _script()
+    from cn_jax import runtime
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setattr(runtime, "hugepage_env", lambda: {"GLIBC_TUNABLES": "on"})
+    for choice, ours, theirs in [("ours", True, False), ("both", True, True),
+                                 ("none", False, False)]:  # fmt: skip
+        args = script.parse_args(["--isolate", "--hugepages", choice])
+        envs = {side: script.side_env(args, side) for side in ("ours", "theirs")}
+        assert [e.get("GLIBC_TUNABLES") == "on" for e in envs.values()] == [ours, theirs]
+    assert script.parse_args([]).hugepages == "ours"
+
+
 @pytest.mark.slow  # about 15 s of compiling sub-programs; -m "not slow" skips it
 def test_profile_parts(capsys):
     from cn_jax.bench.profile import main as profile_main

@@ -158,3 +158,97 @@ def test_this_test_process_runs_memory_first():
     # other test here compiles with the memory-first scheduler.
     assert FLAG + "=false" in os.environ["XLA_FLAGS"]
     assert runtime.cpu_scheduler() == "memory-first"
+
+
+# -- huge pages ---------------------------------------------------------------------
+
+ON = f"{runtime.HUGEPAGE_TUNABLE}=1"
+
+
+@pytest.mark.parametrize(
+    "env, thp, glibc, plugins, expected",
+    [
+        ({}, "madvise", (2, 36), [], ON),
+        ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "madvise", (2, 35), [],
+         f"glibc.malloc.arena_max=2:{ON}"),
+        ({"GLIBC_TUNABLES": f"{runtime.HUGEPAGE_TUNABLE}=0"}, "madvise", (2, 36), [], None),
+        ({"CN_JAX_HUGEPAGES": "0"}, "madvise", (2, 36), [], None),
+        ({"CN_JAX_HUGEPAGES": "off"}, "madvise", (2, 36), [], None),
+        ({"CN_JAX_HUGEPAGES": "1"}, "madvise", (2, 36), [], ON),
+        ({}, "always", (2, 36), [], None),  # every large mapping has them already
+        ({}, "never", (2, 36), [], None),  # none can
+        ({}, None, (2, 36), [], None),  # no THP (or not Linux)
+        ({}, "madvise", (2, 34), [], None),  # the tunable is glibc 2.35's
+        ({}, "madvise", None, [], None),  # musl, macOS
+        ({}, "madvise", (2, 36), ["xla_cuda13"], None),  # temporaries in device memory
+    ],
+)  # fmt: skip
+def test_hugepage_env_only_where_it_changes_something(
+    monkeypatch, env, thp, glibc, plugins, expected
+):
+    monkeypatch.setattr(runtime, "thp_mode", lambda: thp)
+    monkeypatch.setattr(runtime, "glibc_version", lambda: glibc)
+    monkeypatch.setattr(runtime, "accelerator_plugins", lambda: plugins)
+    out = runtime.hugepage_env(env)
+    if expected is None:
+        assert out is None
+    else:
+        assert out == {**env, "GLIBC_TUNABLES": expected}
+        assert runtime.hugepage_env(out) is None  # the restarted process goes on
+
+
+def test_thp_mode_reads_the_bracketed_mode(tmp_path):
+    f = tmp_path / "enabled"
+    f.write_text("always [madvise] never\n")
+    assert runtime.thp_mode(f) == "madvise"
+    f.write_text("[always] madvise never\n")
+    assert runtime.thp_mode(f) == "always"
+    assert runtime.thp_mode(tmp_path / "missing") is None
+
+
+# malloc'd blocks this large are fresh mmaps: each 4 KiB page faults on first touch.
+_FAULTS_CHILD = """
+import ctypes, json, resource
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+n = 64 << 20
+p = libc.malloc(n)
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+ctypes.memset(p, 1, n)
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0))
+"""
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "CN_JAX_HUGEPAGES")}
+
+
+def test_hugepage_env_cuts_page_faults():
+    env = runtime.hugepage_env(_clean_env())
+    if env is None:
+        pytest.skip("huge pages would change nothing on this machine")
+
+    def faults(e):
+        out = subprocess.run([sys.executable, "-c", _FAULTS_CHILD], env=e, capture_output=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout)
+
+    small, huge = faults(_clean_env()), faults(env)
+    assert small >= (64 << 20) // 4096 * 0.9  # one fault per 4 KiB page
+    assert huge < small / 4, (small, huge)  # 2 MiB pages: 32 of them, plus the unaligned ends
+
+
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_cli_restarts_itself_with_huge_pages(opt_out):
+    env = {**_clean_env(), "JAX_PLATFORMS": "cpu"}
+    if opt_out:
+        env["CN_JAX_HUGEPAGES"] = "0"
+    expected = runtime.hugepage_env(env) is not None or runtime.thp_mode() == "always"
+    out = subprocess.run(
+        [sys.executable, "-m", "cn_jax.cli", "info"], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("host memory:"))
+    assert ("transparent huge pages" in line) == expected, line
+    if runtime.hugepage_env({**_clean_env(), "JAX_PLATFORMS": "cpu"}) is not None:
+        assert expected != opt_out  # on this machine the test tells the two apart
