@@ -224,12 +224,7 @@ def hugepage_env(environ: dict[str, str] | None = None) -> dict[str, str] | None
     tunables = env.get("GLIBC_TUNABLES", "")
     if HUGEPAGE_TUNABLE in tunables:  # set by the user, or by the re-execution
         return None
-    if thp_mode() != "madvise":
-        return None
-    version = glibc_version()
-    if version is None or version < (2, 35):  # the tunable arrived in glibc 2.35
-        return None
-    if accelerator_plugins():
+    if not _tunable_asks_for_huge_pages() or accelerator_plugins():
         return None
     env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, f"{HUGEPAGE_TUNABLE}=1") if t)
     return env
@@ -240,18 +235,18 @@ def host_hugepages(environ: dict[str, str] | None = None) -> bool:
     huge pages for its large host allocations: the kernel gives them to every large
     mapping (`always`), or it is in `madvise` mode and glibc is told to ask
     (`glibc.malloc.hugetlb` 1 or 2 in `GLIBC_TUNABLES`, glibc 2.35 or later)."""
-    mode = thp_mode()
-    if mode == "always":
+    if thp_mode() == "always":
         return True
     env = os.environ if environ is None else environ
     tunables = dict(t.partition("=")[::2] for t in env.get("GLIBC_TUNABLES", "").split(":") if t)
+    return tunables.get(HUGEPAGE_TUNABLE) in ("1", "2") and _tunable_asks_for_huge_pages()
+
+
+def _tunable_asks_for_huge_pages() -> bool:
+    """Whether `glibc.malloc.hugetlb` changes anything here: the kernel's THP mode is
+    `madvise` and the C library is glibc 2.35 or later (where the tunable arrived)."""
     version = glibc_version()
-    return (
-        mode == "madvise"
-        and version is not None
-        and version >= (2, 35)
-        and tunables.get(HUGEPAGE_TUNABLE) in ("1", "2")
-    )
+    return thp_mode() == "madvise" and version is not None and version >= (2, 35)
 
 
 def reexec_with_hugepages() -> None:
