@@ -410,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         from cn_jax import runtime
 
         runtime.reexec_with_hugepages()
+        runtime.configure_host()  # the program owns the process: its caches may be dropped
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) == "sample" and args.scale is None:
         args.scale = [1.0]

@@ -24,9 +24,14 @@ default back.
 
 ## Host memory
 
-`release_host_memory()` hands freed host memory back to the OS after set-up
+`release_after_setup()` hands freed host memory back to the OS after set-up
 and after compiling (`loop.train`, `TrainBench`, `SampleBench`): with it and the scheduler
-above, that b4 step's process peaks at 11.8 GiB.
+above, that b4 step's process peaks at 11.8 GiB. It also drops JAX's trace and
+compile caches, but only in a process whose program opted in with
+`configure_host()` (the `cn-jax` command and the bench scripts do, first
+thing): those caches are process-wide, and a library call that emptied them
+would make every function its caller had jitted trace and compile again (the
+test suite, which calls `train` many times in one process, did exactly that).
 
 ## Huge pages
 
@@ -144,6 +149,30 @@ def cpu_scheduler() -> str:
         if word.startswith(f"--{SCHEDULER_FLAG}"):
             value = word.partition("=")[2].lower() or "true"  # the last one wins, as in XLA
     return "memory-first" if value in ("false", "0") else "concurrency"
+
+
+# Set by configure_host(): the program, not the library, decides process-wide policies.
+_program_policies = {"drop_jax_caches": False}
+
+
+def configure_host() -> None:
+    """Opt this process into cn_jax's process-wide host policies.
+
+    Called first thing by the `cn-jax` command and the bench scripts; Python
+    programs that own their process may call it too. Today it lets
+    `release_after_setup()` (the end of `train`'s, `TrainBench`'s and
+    `SampleBench`'s set-up) drop JAX's trace and compile caches as well: the
+    set-up's weight-init programs, about 0.4 GiB of host memory at SD 1.5 shape.
+    Without it a library call never empties caches its caller relies on.
+    """
+    _program_policies["drop_jax_caches"] = True
+
+
+def release_after_setup() -> bool:
+    """End of a set-up (weights built, the step compiled ahead of time): hand the
+    freed host memory back, and drop JAX's caches where the program opted in with
+    `configure_host()`. Returns what `release_host_memory` returns."""
+    return release_host_memory(jax_caches=_program_policies["drop_jax_caches"])
 
 
 def release_host_memory(jax_caches: bool = False) -> bool:

@@ -631,4 +631,7 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
+    from cn_jax import runtime
+
+    runtime.configure_host()  # a program: its set-ups may drop JAX's caches
     sys.exit(main())

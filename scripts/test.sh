@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # The test command: from a fresh clone, creates .venv if missing, installs the
-# package with its dev extras (CPU torch pinned), then runs ruff and pytest on
-# 8 virtual CPU devices. Extra arguments go to pytest (e.g. -k parity).
+# package with its dev extras (CPU torch pinned), then runs ruff and pytest in
+# parallel workers (pytest-xdist, one per core, at most 8). Extra arguments go
+# to pytest:
+#
+#   bash scripts/test.sh                  # everything (what CI runs)
+#   bash scripts/test.sh -m "not slow"    # the fast tier, for every change
+#   bash scripts/test.sh -n 0 -k parity   # one process, a selection
+#
+# Tests run on one CPU device; those marked devices(n) run in a child process
+# with n (tests/conftest.py, docs/testing.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +34,9 @@ echo "== ruff"
 .venv/bin/ruff format --check .
 
 echo "== pytest"
-export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
 export HF_HUB_OFFLINE=1  # the tests never touch the network
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Compiling is mostly single-threaded, so one worker per core; worksteal keeps
+# both busy to the end (the slowest tests take about a minute each).
+cores=$(nproc 2>/dev/null || echo 2)
+workers="${CN_JAX_TEST_WORKERS:-$(( cores < 8 ? cores : 8 ))}"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "$workers" --dist worksteal "$@"

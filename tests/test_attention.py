@@ -114,6 +114,7 @@ def test_tiled_backward_keeps_no_score_matrices():
     assert sorted(tiled) == [256 * 4] + [x.size] * 4, tiled
 
 
+@pytest.mark.devices(8)
 def test_tiled_with_a_sharded_batch_matches_one_device(monkeypatch):
     """The tiled kernel on a batch sharded over the test's CPU devices (loops over
     heads and rows, the batch inside every tile) gives one device's outputs and
@@ -122,7 +123,7 @@ def test_tiled_with_a_sharded_batch_matches_one_device(monkeypatch):
 
     devices = jax.devices()
     if len(devices) < 2:
-        pytest.skip("needs several devices (conftest sets 8 CPU devices)")
+        pytest.fail("needs several devices: marked devices(8)")
     n = len(devices)
     monkeypatch.setattr(attn, "FORWARD_TILE", n * 64 * 7)  # rows and heads both split
     monkeypatch.setattr(attn, "BACKWARD_TILE", n * 64 * 7)

@@ -35,6 +35,7 @@ def compare(tmp_path_factory):
     )
 
 
+@pytest.mark.devices(8)
 def test_train_step_on_all_devices_without_cache(tmp_path, capsys):
     # The token-id path (text encoder in the step), batch split over 8 devices.
     r = _run(tmp_path, "train", ["train", "--config", SMALL, "train.batch_size=8",

@@ -220,8 +220,9 @@ def _check_resharded(got, want, sharding_for) -> None:
         assert g.sharding.is_equivalent_to(expected, g.ndim), (g.sharding, expected)
 
 
+@pytest.mark.devices(8)
 def test_restore_reshards_between_meshes(tmp_path):
-    assert jax.device_count() == 8, "tests/conftest.py sets 8 virtual CPU devices"
+    assert jax.device_count() == 8, "marked devices(8): tests/conftest.py"
     devices = jax.devices()
     mesh = _mesh(devices)
     host = jax.tree_util.tree_map(np.asarray, _full_state(3))

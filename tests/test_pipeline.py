@@ -145,6 +145,7 @@ def test_base_alone_matches_diffusers(folder):
     assert ours.shape == ref.shape == (2, 96, 96, 3) and err <= TOL
 
 
+@pytest.mark.devices(8)
 def test_batch_split_over_devices_and_bfloat16(folder):
     """8 images (4 prompts x 2) are split over the 8 virtual devices and equal
     the same images generated unsharded; bfloat16 compute runs and stays close."""

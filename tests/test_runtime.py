@@ -151,6 +151,36 @@ def test_release_host_memory_drops_jax_caches_but_keeps_compiled():
     assert float(traced(jnp.ones(3))[0]) == 2.0  # recompiled on demand
 
 
+def test_library_set_ups_keep_jax_caches_unless_the_program_opts_in(monkeypatch):
+    """`train` and the benches end their set-up with `release_after_setup()`: it
+    drops JAX's process-wide caches only after `configure_host()` (the `cn-jax`
+    command's choice), never for a library caller."""
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.setitem(runtime._program_policies, "drop_jax_caches", False)
+    traced = jax.jit(lambda x: x * 3.0)
+    traced(jnp.ones(3))
+    runtime.release_after_setup()
+    assert traced._cache_size() == 1
+    runtime.configure_host()
+    assert runtime._program_policies["drop_jax_caches"]
+    runtime.release_after_setup()
+    assert traced._cache_size() == 0
+
+
+def test_the_command_opts_in_and_main_argv_does_not(monkeypatch):
+    from cn_jax import cli
+
+    monkeypatch.setitem(runtime._program_policies, "drop_jax_caches", False)
+    monkeypatch.setattr(runtime, "reexec_with_hugepages", lambda: None)
+    assert cli.main(["info"]) == 0
+    assert not runtime._program_policies["drop_jax_caches"]  # a call from Python
+    monkeypatch.setattr(sys, "argv", ["cn-jax", "info"])
+    assert cli.main() == 0
+    assert runtime._program_policies["drop_jax_caches"]  # the command
+
+
 @cpu_only
 @pytest.mark.skipif(f"{FLAG}=true" in os.environ.get("XLA_FLAGS", ""), reason="user's choice")
 def test_this_test_process_runs_memory_first():

@@ -28,7 +28,7 @@ from cn_jax.diffusion.samplers import make_sampler
 from cn_jax.models.attention import set_attention_implementation
 from cn_jax.models.controlnet import ControlNet, init_controlnet_from_unet
 from cn_jax.models.convolution import set_conv_implementation
-from cn_jax.runtime import release_host_memory
+from cn_jax.runtime import release_after_setup
 from cn_jax.train.loop import controlnet_config
 
 PROMPT = "a red circle on a blue background"  # fits the tiny model's 16 tokens
@@ -162,7 +162,7 @@ class SampleBench:
             self._decode = compile_("decode", decode, self.params["vae"], self.latents)
         # What set-up and the compiler freed, and the traced init programs: every
         # function run from here on is compiled ahead of time (cn_jax.runtime).
-        release_host_memory(jax_caches=True)
+        release_after_setup()
 
     def _loop_args(self):
         p = self.params

@@ -26,7 +26,7 @@ from cn_jax.models.attention import set_attention_implementation
 from cn_jax.models.config import ControlNetConfig
 from cn_jax.models.controlnet import ControlNet, init_controlnet_from_unet
 from cn_jax.models.convolution import set_conv_implementation
-from cn_jax.runtime import release_host_memory
+from cn_jax.runtime import release_after_setup, release_host_memory
 from cn_jax.train import sharding as shd
 from cn_jax.train.checkpoint import Checkpointer
 from cn_jax.train.state import (
@@ -127,10 +127,10 @@ def build(config: Config):
 def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Train (or resume training) in `workdir`; returns the last step's metrics.
 
-    After set-up it drops JAX's trace and compile caches
-    (`cn_jax.runtime.release_host_memory(jax_caches=True)`: the weight-init
-    programs held about 0.4 GiB of host memory at SD 1.5 shape), so functions a
-    caller jitted before `train` recompile on their next call.
+    After set-up it hands freed host memory back (`cn_jax.runtime.release_after_setup()`);
+    it drops JAX's trace and compile caches too only in a process that opted in
+    with `cn_jax.runtime.configure_host()` (the `cn-jax` command does: the
+    weight-init programs held about 0.4 GiB of host memory at SD 1.5 shape).
     """
     from cn_jax.data import Loader, open_dataset
     from cn_jax.tokenizer import tokenize
@@ -185,7 +185,7 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
     start_step = int(state.step)
     # The set-up's freed host buffers and its traced weight-init programs; nothing
     # is compiled yet that a later step needs (cn_jax.runtime).
-    release_host_memory(jax_caches=True)
+    release_after_setup()
 
     # == Data ==
     if config.data.path is None:
