@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import numpy as np
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
@@ -173,3 +174,22 @@ def max_rel_err(ours, ref) -> float:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def jit_apply(module, variables, *args, **kwargs):
+    """`module.apply(variables, *args, **kwargs)` as one jitted program, as users run
+    it. Op-by-op dispatch compiles every operation of a UNet on its own: twice the
+    time of one trace and one compile (measured: 21 s vs 11 s for the sd15 config).
+    Python scalars, flags and strings in `kwargs` are static; arrays are traced."""
+    static = {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str, type(None)))}
+    traced = {k: v for k, v in kwargs.items() if k not in static}
+    fn = functools.partial(module.apply, **static)
+    return jax.jit(lambda v, a, kw: fn(v, *a, **kw))(variables, args, traced)
+
+
+def slow_unless(names, fast):
+    """Parametrize values, those not in `fast` marked slow: the fast tier keeps at
+    least one parity case per model family, the full suite runs every one."""
+    import pytest
+
+    return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in names]

@@ -35,6 +35,7 @@ def compare(tmp_path_factory):
     )
 
 
+@pytest.mark.slow  # compiles whole train steps or sampling loops
 @pytest.mark.devices(8)
 def test_train_step_on_all_devices_without_cache(tmp_path, capsys):
     # The token-id path (text encoder in the step), batch split over 8 devices.
@@ -61,6 +62,7 @@ def test_train_step_on_all_devices_without_cache(tmp_path, capsys):
     assert "samples / s" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # compiles whole train steps or sampling loops
 def test_compare_reports_ratios_of_its_sides(compare, capsys):
     cn, ft = compare["controlnet"], compare["finetune"]
     assert cn["trainable"] == "controlnet" and ft["trainable"] == "unet"
@@ -80,6 +82,7 @@ def test_compare_reports_ratios_of_its_sides(compare, capsys):
     assert "ratio" in format_result(compare)
 
 
+@pytest.mark.slow  # compiles whole train steps or sampling loops
 def test_compare_compile_only_matches_the_run(compare, tmp_path):
     r = _run(tmp_path, "cmp", ["compare", "--config", SMALL, "train.batch_size=4", "--no-run"])
     assert r["interleaved"] is False and r["time_ratio"] is None
@@ -95,6 +98,7 @@ def test_compare_needs_a_controlnet(capsys):
     assert "trainable" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # compiles whole train steps or sampling loops
 def test_sample_two_controlnets(tmp_path):
     r = _run(tmp_path, "sample", ["sample", "--config", SMALL, "--steps", "2", "--batch", "2",
              "--controlnets", "2", "--repeats", "2"])  # fmt: skip
@@ -150,6 +154,7 @@ def _script(name="bench_vs_diffusers"):
     return mod
 
 
+@pytest.mark.slow  # compiles whole train steps or sampling loops
 def test_bench_vs_diffusers_tiny(tmp_path, capsys):
     out = tmp_path / "vs.json"
     script = _script()
@@ -350,6 +355,7 @@ def test_ops_breakdown_of_a_real_trace(tmp_path):
     assert {"convolution", "matmul"} <= set(r["by_kind"]), r["by_kind"]
 
 
+@pytest.mark.slow  # compiles whole train steps or sampling loops
 def test_flops_count_the_tiled_kernels_loops_in_full(monkeypatch):
     """XLA counts a loop body once. With tiles small enough that the tiled attention
     kernel loops, the bench counts FLOPs on the loop-free twin (JAX's attention), so

@@ -8,11 +8,13 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # six fresh cn-jax processes
 def test_demo_quick_writes_every_output(tmp_path):
     out = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device

@@ -14,7 +14,7 @@ from test_pipeline_loading import _pipeline_folder
 import cn_jax
 from cn_jax.pipeline import ControlNetPipeline
 
-from reference import flax_controlnet_params, nchw, randomize_
+from reference import flax_controlnet_params, nchw, randomize_, slow_unless
 
 TOL = 1e-3  # max abs on images in [0, 1]
 
@@ -55,7 +55,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# The fast tier keeps one ControlNet and the guidance window (same compiled program).
+FAST_CASES = {"one", "window"}
+
+
+@pytest.mark.parametrize("case", slow_unless(sorted(CASES), FAST_CASES))
 def test_matches_diffusers_pipeline(folder, case):
     n, kw = CASES[case]["nets"], dict(CASES[case]["kw"])
     kw.setdefault("guidance_scale", 7.5)
@@ -81,6 +85,7 @@ def test_matches_diffusers_pipeline(folder, case):
     assert err <= TOL
 
 
+@pytest.mark.slow  # a whole-generation compile each
 def test_compiles_once_and_seeds_reproduce(folder):
     pipe = _ours(folder, 1)
     before = pipe.trace_count
@@ -108,6 +113,7 @@ def test_input_errors(folder, tmp_path):
     assert out.shape == (1, 96, 96, 3)
 
 
+@pytest.mark.slow  # a whole-generation compile each
 def test_sample_cli_writes_a_grid(folder, tmp_path):
     from cn_jax.cli import main
 
@@ -122,6 +128,7 @@ def test_sample_cli_writes_a_grid(folder, tmp_path):
     assert Image.open(out).size == (2 * 96 + 2, 96)  # one row, 2 px gap
 
 
+@pytest.mark.slow  # a whole-generation compile each
 def test_base_alone_matches_diffusers(folder):
     """No ControlNet (the demo's "base alone" column) == StableDiffusionPipeline."""
     from diffusers import StableDiffusionPipeline
@@ -145,6 +152,7 @@ def test_base_alone_matches_diffusers(folder):
     assert ours.shape == ref.shape == (2, 96, 96, 3) and err <= TOL
 
 
+@pytest.mark.slow  # a whole-generation compile each
 @pytest.mark.devices(8)
 def test_batch_split_over_devices_and_bfloat16(folder):
     """8 images (4 prompts x 2) are split over the 8 virtual devices and equal

@@ -27,7 +27,7 @@ from cn_jax.models.unet import example_inputs as unet_example_inputs
 from cn_jax.tokenizer import tokenize
 from cn_jax.weights import original_sd, read_safetensors, write_safetensors
 
-from reference import CONFIGS, max_rel_err, nchw, nhwc, randomize_
+from reference import CONFIGS, jit_apply, max_rel_err, nchw, nhwc, randomize_
 from tiny_tokenizer import build_tiny_clip_tokenizer
 
 TOL = 1e-4
@@ -88,15 +88,15 @@ def _check_components(sd, ref, label):
     rng = np.random.default_rng(0)
     # Text encoder on real token ids from the folder's tokenizer.
     ids = tokenize(sd.tokenizer, ["red circle with navy blue background", ""], 16)
-    ours = np.asarray(sd.text_encoder.apply({"params": sd.text_encoder_params}, ids)[0])
+    ours = np.asarray(jit_apply(sd.text_encoder, {"params": sd.text_encoder_params}, ids)[0])
     with torch.no_grad():
         want = ref.text_encoder(torch.from_numpy(ids.astype(np.int64)))[0].numpy()
     errs = {"text": max_rel_err(ours, want)}
     # VAE encode (mean, logvar) and decode.
     img = rng.uniform(-1, 1, (2, 96, 96, 3)).astype(np.float32)
-    mean, logvar = sd.vae.apply({"params": sd.vae_params}, img, method="encode")
+    mean, logvar = jit_apply(sd.vae, {"params": sd.vae_params}, img, method="encode")
     z = rng.standard_normal((2, 12, 12, 4)).astype(np.float32)
-    dec = sd.vae.apply({"params": sd.vae_params}, z, method="decode")
+    dec = jit_apply(sd.vae, {"params": sd.vae_params}, z, method="decode")
     with torch.no_grad():
         dist = ref.vae.encode(nchw(img)).latent_dist
         ref_dec = ref.vae.decode(nchw(z)).sample
@@ -106,7 +106,7 @@ def _check_components(sd, ref, label):
     # UNet.
     ctx = rng.standard_normal((2, 16, 32)).astype(np.float32)
     t = np.array([3.0, 800.0], np.float32)
-    eps = sd.unet.apply({"params": sd.unet_params}, z, t, ctx)
+    eps = jit_apply(sd.unet, {"params": sd.unet_params}, z, t, ctx)
     with torch.no_grad():
         ref_eps = ref.unet(nchw(z), torch.from_numpy(t), torch.from_numpy(ctx)).sample
     errs["unet"] = max_rel_err(eps, nhwc(ref_eps))

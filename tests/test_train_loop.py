@@ -52,6 +52,7 @@ def _params(workdir, step=None):
     return read_safetensors(out / "diffusion_pytorch_model.safetensors")
 
 
+@pytest.mark.slow  # whole training runs; the fast tier trains one (export_cli)
 def test_run_outputs_and_resume_is_bit_exact(data, tmp_path):
     straight = tmp_path / "straight"
     val = {"train.validate_every": 4, "train.validation_steps": 2, "train.validation_samples": 3}
@@ -82,6 +83,7 @@ def test_run_outputs_and_resume_is_bit_exact(data, tmp_path):
     assert any(np.any(a[k]) for k in a if k.startswith("controlnet_down_blocks"))
 
 
+@pytest.mark.slow  # whole training runs; the fast tier trains one (export_cli)
 def test_nan_loss_stops_and_keeps_checkpoints(data, tmp_path):
     cfg = load_config(
         TINY,
@@ -151,6 +153,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # whole training runs; the fast tier trains one (export_cli)
 def test_two_processes_equal_one_process(data, tmp_path):
     """2 processes x 2 CPU devices (gloo) == 1 process x 4 devices, after 2 steps."""
     worker = str(ROOT / "tests" / "mp_worker.py")
@@ -198,6 +201,7 @@ def test_two_processes_equal_one_process(data, tmp_path):
     assert jax.process_count() == 1
 
 
+@pytest.mark.slow  # whole training runs; the fast tier trains one (export_cli)
 def test_cache_latents_trains_the_same(data, tmp_path):
     """Text embeddings (and, with a VAE, posteriors) precomputed once: same training."""
     # adam_eps=1, lr=1: updates ~ gradients, so the comparison sees gradient
@@ -244,6 +248,7 @@ def test_cached_vae_posterior_gives_the_same_latents():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow  # whole training runs; the fast tier trains one (export_cli)
 def test_base_run_evaluates_and_exports_a_pipeline(data, tmp_path):
     """train.trainable=unet (the demo base's recipe, v-prediction with zero terminal
     SNR from `model.scheduler`): eval.jsonl at step 0 and every K steps, and

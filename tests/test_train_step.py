@@ -20,13 +20,24 @@ from cn_jax.train.state import (
 )
 from cn_jax.train.step import make_train_step
 
+# What `build` reads of `train`: the other fields (optimizer, EMA) share one build.
+_BUILD_FIELDS = {"trainable", "seed", "precision", "remat"}
+
+
+@functools.cache
+def _built(trainable, build_items=()):
+    return build(load_config(None, [f"train.trainable={trainable}",
+                                    *(f"train.{k}={v}" for k, v in build_items)]))  # fmt: skip
+
 
 @functools.cache
 def _setup(trainable="controlnet", **train):
     overrides = [f"train.trainable={trainable}", "train.learning_rate=1e-3"]
     overrides += [f"train.{k}={v}" for k, v in train.items()]
     config = load_config(None, overrides)
-    models, params, sd = build(config)
+    models, params, sd = _built(
+        trainable, tuple(sorted((k, v) for k, v in train.items() if k in _BUILD_FIELDS))
+    )
     return config, models, params, sd
 
 
@@ -121,6 +132,7 @@ def test_every_leaf_needs_a_rule():
         labels_for(bad, "controlnet")
 
 
+@pytest.mark.slow  # a train step compile each; the fast tier keeps the frozen/trainable split
 def test_controlnet_plus_decoder_trains_only_the_decoder_half():
     state, frozen, params, labels, _ = _run("controlnet+decoder", decoder_learning_rate=1e-4)
     trained = _leaves(state.params)
@@ -133,6 +145,7 @@ def test_controlnet_plus_decoder_trains_only_the_decoder_half():
     )
 
 
+@pytest.mark.slow  # a train step compile each; the fast tier keeps the frozen/trainable split
 def test_plain_unet_finetuning_has_no_controlnet():
     state, _, _, _, losses = _run("unet")
     assert all(k.startswith("unet/") for k in _leaves(state.params)) and np.isfinite(losses).all()
@@ -153,6 +166,7 @@ def _assert_same_updates(a, b, params, rtol):
         assert np.abs(da - db).max() <= rtol * scale, (k, np.abs(da - db).max() / scale)
 
 
+@pytest.mark.slow  # a train step compile each; the fast tier keeps the frozen/trainable split
 def test_grad_accumulation_equals_one_big_batch():
     a = _run(grad_accum=1, steps=1, **LINEAR)
     b = _run(grad_accum=2, steps=1, **LINEAR)  # same compiled step serves `c` below
@@ -164,6 +178,7 @@ def test_grad_accumulation_equals_one_big_batch():
         _assert_same_updates(a[0], c[0], a[2], rtol=1e-4)
 
 
+@pytest.mark.slow  # a train step compile each; the fast tier keeps the frozen/trainable split
 @pytest.mark.devices(8)
 def test_one_device_equals_eight_devices():
     assert len(jax.devices()) >= 8, "marked devices(8): tests/conftest.py"
@@ -173,6 +188,7 @@ def test_one_device_equals_eight_devices():
     _assert_same_updates(one[0], eight[0], one[2], rtol=1e-4)
 
 
+@pytest.mark.slow  # a train step compile each; the fast tier keeps the frozen/trainable split
 def test_ema_tracks_params_with_warmup():
     from cn_jax.train.step import ema_decay_at
 
@@ -198,6 +214,7 @@ def test_merge_inverts_split():
     assert _leaves(merge(tr, fr)).keys() == _leaves(params).keys()
 
 
+@pytest.mark.slow  # a train step compile each; the fast tier keeps the frozen/trainable split
 def test_remat_gives_the_same_gradients():
     _, models, params, sd = _setup()
     x = jnp.asarray(_batch(sd, 2)["pixel_values"])
@@ -209,8 +226,9 @@ def test_remat_gives_the_same_gradients():
     def loss(p, unet):
         return jnp.sum(unet.apply({"params": p}, x, t, ctx) ** 2)
 
-    g1 = jax.grad(loss)(params["unet"], models.unet)
-    g2 = jax.grad(loss)(params["unet"], models.unet.clone(remat=True))
+    grad = jax.jit(jax.grad(loss), static_argnums=1)  # one program each, as training runs it
+    g1 = grad(params["unet"], models.unet)
+    g2 = grad(params["unet"], models.unet.clone(remat=True))
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
         assert np.abs(a - b).max() <= 1e-5 * max(np.abs(a).max(), 1e-6)
 

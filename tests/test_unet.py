@@ -11,9 +11,11 @@ from reference import (
     CONFIGS,
     flax_unet_params,
     inputs,
+    jit_apply,
     max_rel_err,
     nchw,
     nhwc,
+    slow_unless,
     torch_controlnet,
     torch_unet,
 )
@@ -21,12 +23,12 @@ from reference import (
 TOL = 1e-4  # float32 max relative error
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", slow_unless(sorted(CONFIGS), fast={"gray", "sd2"}))
 def test_unet_matches_diffusers(name):
     ref_model = torch_unet(name)
     unet, params = flax_unet_params(ref_model)
     x, t, ctx, _ = inputs(name)
-    ours = unet.apply({"params": params}, x, t, ctx)
+    ours = jit_apply(unet, {"params": params}, x, t, ctx)
     with torch.no_grad():
         ref = nhwc(ref_model(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample)
     err = max_rel_err(ours, ref)
@@ -49,8 +51,8 @@ def test_unet_residuals_match_diffusers():
     down = [rng.standard_normal(nhwc(r).shape, dtype=np.float32) for r in ref_down]
     mid = rng.standard_normal(nhwc(ref_mid).shape, dtype=np.float32)
     assert len(down) == 12
-    ours = unet.apply(
-        {"params": params}, x, t, ctx,
+    ours = jit_apply(
+        unet, {"params": params}, x, t, ctx,
         down_block_additional_residuals=down, mid_block_additional_residual=mid,
     )  # fmt: skip
     with torch.no_grad():
@@ -59,7 +61,7 @@ def test_unet_residuals_match_diffusers():
             down_block_additional_residuals=[nchw(d) for d in down],
             mid_block_additional_residual=nchw(mid),
         ).sample  # fmt: skip
-    plain = unet.apply({"params": params}, x, t, ctx)
+    plain = jit_apply(unet, {"params": params}, x, t, ctx)
     assert max_rel_err(ours, nhwc(ref)) <= TOL
     assert np.abs(np.asarray(ours) - np.asarray(plain)).max() > 1e-2  # residuals matter
 
@@ -68,7 +70,7 @@ def test_unet_rejects_wrong_residual_count():
     unet, params = flax_unet_params(torch_unet("gray"))
     x, t, ctx, _ = inputs("gray")
     with pytest.raises(ValueError, match="skip connections"):
-        unet.apply({"params": params}, x, t, ctx, down_block_additional_residuals=[x])
+        jit_apply(unet, {"params": params}, x, t, ctx, down_block_additional_residuals=[x])
 
 
 def test_scalar_timestep_broadcasts():
@@ -90,6 +92,7 @@ def test_config_rejects_unknown_and_unsupported_fields():
         UNetConfig.from_dict({**cfg, "down_block_types": ["SimpleCrossAttnDownBlock2D"] * 2})
 
 
+@pytest.mark.slow  # a second UNet compile; parity runs in the fast tier
 def test_bfloat16_compute_runs_close():
     """bf16 compute with f32 params stays near the f32 result (sanity, not parity)."""
     from cn_jax.models.unet import UNet
@@ -97,7 +100,7 @@ def test_bfloat16_compute_runs_close():
     unet32, params = flax_unet_params(torch_unet("sd2"))
     unet16 = UNet(unet32.config, dtype=jax.numpy.bfloat16)
     x, t, ctx, _ = inputs("sd2")
-    a = np.asarray(unet32.apply({"params": params}, x, t, ctx))
-    b = np.asarray(unet16.apply({"params": params}, x, t, ctx), np.float32)
+    a = np.asarray(jit_apply(unet32, {"params": params}, x, t, ctx))
+    b = np.asarray(jit_apply(unet16, {"params": params}, x, t, ctx), np.float32)
     assert b.dtype == np.float32 and np.isfinite(b).all()
     assert max_rel_err(b, a) < 0.1

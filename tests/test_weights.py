@@ -16,6 +16,7 @@ from cn_jax.weights import read_safetensors, write_safetensors
 from reference import (
     flax_controlnet_params,
     inputs,
+    jit_apply,
     max_rel_err,
     nchw,
     nhwc,
@@ -29,7 +30,7 @@ TOL = 1e-4
 
 def _cn_outputs(cnet, params, name="sd15"):
     x, t, ctx, cond = inputs(name)
-    return cnet.apply({"params": params}, x, t, ctx, cond, conditioning_scale=0.9)
+    return jit_apply(cnet, {"params": params}, x, t, ctx, cond, conditioning_scale=0.9)
 
 
 def _torch_cn_outputs(model, name="sd15"):
@@ -70,7 +71,7 @@ def test_load_unet_folder_matches_diffusers(tmp_path, layout):
     with torch.no_grad():
         ref = nhwc(tu(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample)
     assert unet.config.use_linear_projection and unet.config.heads_per_block == (2, 4, 4)
-    assert max_rel_err(unet.apply({"params": params}, x, t, ctx), ref) <= TOL
+    assert max_rel_err(jit_apply(unet, {"params": params}, x, t, ctx), ref) <= TOL
 
 
 def test_load_unet_fp16_variant(tmp_path):
