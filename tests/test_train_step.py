@@ -208,6 +208,21 @@ def test_ema_tracks_params_with_warmup():
     assert not np.array_equal(e2[k], p2[k])
 
 
+def test_random_bases_of_one_architecture_share_one_init_program():
+    """`random_pipeline` jits each architecture's init once per process (every
+    `train` of a random base builds one): same program, the seed's own values."""
+    from cn_jax.weights import sd as sdmod
+
+    a, b = sdmod.random_pipeline("tiny", seed=0), sdmod.random_pipeline("tiny", seed=1)
+    assert sdmod._jitted_init(a.unet) is sdmod._jitted_init(b.unet)
+    assert sdmod._jitted_init(a.unet)._cache_size() == 1  # traced and compiled once
+    la, lb = jax.tree_util.tree_leaves(a.unet_params), jax.tree_util.tree_leaves(b.unet_params)
+    assert any(not np.array_equal(x, y) for x, y in zip(la, lb))
+    c = sdmod.random_pipeline("tiny", seed=0)
+    for x, y in zip(la, jax.tree_util.tree_leaves(c.unet_params)):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_merge_inverts_split():
     _, _, params, _ = _setup()
     tr, fr = split(params, labels_for(params, "controlnet"))

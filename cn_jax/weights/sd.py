@@ -11,6 +11,7 @@ straight into the Flax trees, so a load holds about one copy of the weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -412,13 +413,22 @@ def random_pipeline(
     )
 
 
+@functools.lru_cache(maxsize=4)
+def _jitted_init(module):
+    """One jitted init per architecture (linen modules compare and hash by their
+    fields): a second random pipeline of the same architecture in this process
+    (each `train` of a random base builds one) is neither traced nor compiled again.
+    Holds programs only, never weights; `jax.clear_caches()` empties them."""
+    return jax.jit(module.init)
+
+
 def _init(module, key, inputs) -> Any:
     """Random parameters: one jitted init (not op-by-op dispatch of every initializer).
     On an accelerator it is compiled and run on this process's host CPU, then put on
     its first local device: the accelerator's compiler is far slower for this one-off
     program (on an H200 with jax 0.11 small programs took minutes), and the values are
     the same (threefry is exact)."""
-    init = jax.jit(module.init)
+    init = _jitted_init(module)
     if jax.default_backend() == "cpu":
         return init(key, *inputs)["params"]
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
