@@ -152,7 +152,7 @@ def cpu_scheduler() -> str:
 
 
 # Set by configure_host(): the program, not the library, decides process-wide policies.
-_program_policies = {"drop_jax_caches": False}
+_drop_jax_caches_after_setup = False
 
 
 def configure_host() -> None:
@@ -165,14 +165,15 @@ def configure_host() -> None:
     set-up's weight-init programs, about 0.4 GiB of host memory at SD 1.5 shape.
     Without it a library call never empties caches its caller relies on.
     """
-    _program_policies["drop_jax_caches"] = True
+    global _drop_jax_caches_after_setup
+    _drop_jax_caches_after_setup = True
 
 
 def release_after_setup() -> bool:
     """End of a set-up (weights built, the step compiled ahead of time): hand the
     freed host memory back, and drop JAX's caches where the program opted in with
     `configure_host()`. Returns what `release_host_memory` returns."""
-    return release_host_memory(jax_caches=_program_policies["drop_jax_caches"])
+    return release_host_memory(jax_caches=_drop_jax_caches_after_setup)
 
 
 def release_host_memory(jax_caches: bool = False) -> bool:

@@ -158,13 +158,13 @@ def test_library_set_ups_keep_jax_caches_unless_the_program_opts_in(monkeypatch)
     import jax
     import jax.numpy as jnp
 
-    monkeypatch.setitem(runtime._program_policies, "drop_jax_caches", False)
+    monkeypatch.setattr(runtime, "_drop_jax_caches_after_setup", False)
     traced = jax.jit(lambda x: x * 3.0)
     traced(jnp.ones(3))
     runtime.release_after_setup()
     assert traced._cache_size() == 1
     runtime.configure_host()
-    assert runtime._program_policies["drop_jax_caches"]
+    assert runtime._drop_jax_caches_after_setup
     runtime.release_after_setup()
     assert traced._cache_size() == 0
 
@@ -172,13 +172,13 @@ def test_library_set_ups_keep_jax_caches_unless_the_program_opts_in(monkeypatch)
 def test_the_command_opts_in_and_main_argv_does_not(monkeypatch):
     from cn_jax import cli
 
-    monkeypatch.setitem(runtime._program_policies, "drop_jax_caches", False)
+    monkeypatch.setattr(runtime, "_drop_jax_caches_after_setup", False)
     monkeypatch.setattr(runtime, "reexec_with_hugepages", lambda: None)
     assert cli.main(["info"]) == 0
-    assert not runtime._program_policies["drop_jax_caches"]  # a call from Python
+    assert not runtime._drop_jax_caches_after_setup  # a call from Python
     monkeypatch.setattr(sys, "argv", ["cn-jax", "info"])
     assert cli.main() == 0
-    assert runtime._program_policies["drop_jax_caches"]  # the command
+    assert runtime._drop_jax_caches_after_setup  # the command
 
 
 @cpu_only
