@@ -7,17 +7,35 @@ token: SD 1.x tokenizers pad with `<|endoftext|>` (id 49407), SD 2.x ones with
 "!" (id 0). A prompt longer than `max_length` is truncated (its last kept token
 is still `<|endoftext|>`) with a `UserWarning` naming the dropped text; it is
 never an error.
+
+Only transformers' tokenizers are used, which need no PyTorch; importing
+transformers without it logs "PyTorch was not found..." (once per process),
+so that one advisory is filtered out while this module imports it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from transformers import CLIPTokenizer
+
+
+def _not_the_torch_advisory(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("PyTorch was not found")
+
+
+# A filter on transformers' own logger, removed after the import: no environment
+# variable or verbosity is changed, and any other transformers message passes.
+_transformers_log = logging.getLogger("transformers")
+_transformers_log.addFilter(_not_the_torch_advisory)
+try:
+    from transformers import CLIPTokenizer
+finally:
+    _transformers_log.removeFilter(_not_the_torch_advisory)
 
 VOCAB_FILES = ("vocab.json", "merges.txt")
 

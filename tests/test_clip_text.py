@@ -298,3 +298,33 @@ def test_load_tokenizer_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"tokenizer.*merges\.txt") as info:
         load_tokenizer(folder)
     assert str(folder) in str(info.value) and "vocab.json," not in str(info.value)
+
+
+def test_tokenizer_import_is_silent_without_torch():
+    """Importing transformers without PyTorch (the demo's .venv) logs "PyTorch was
+    not found..."; cn_jax.tokenizer imports it and loads a tokenizer silently."""
+    import subprocess
+    import sys
+
+    import cn_jax
+
+    folder = os.path.join(os.path.dirname(cn_jax.__file__), "assets", "tiny_tokenizer")
+    no_torch = "import sys; sys.modules['torch'] = None; "  # import torch fails, find_spec: None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFORMERS_")}
+
+    def run(code):
+        proc = subprocess.run(
+            [sys.executable, "-c", no_torch + code, folder],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    assert "PyTorch was not found" in run("import transformers")  # the advisory, unfiltered
+    out = run(
+        "from cn_jax.tokenizer import load_tokenizer, tokenize; "
+        "print(tokenize(load_tokenizer(sys.argv[1]), 'red circle', 8).shape); "
+        "import logging; print(len(logging.getLogger('transformers').filters), 'filters')"
+    )
+    assert "PyTorch was not found" not in out, out
+    assert "(1, 8)" in out and "0 filters" in out  # tokenized; the filter is gone again

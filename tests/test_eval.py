@@ -203,6 +203,7 @@ def test_report_summary_curve_and_sudden_convergence(tmp_path):
     save_report(m, tmp_path / "out")
     assert m["iou_initial"] == 0.08 and m["iou_final"] == 0.58
     assert m["iou_gain_factor"] == pytest.approx(0.58 / 0.08)
+    assert m["iou_gain"] == pytest.approx(0.50)
     jump = m["sudden_convergence"]
     assert (jump["from_step"], jump["to_step"]) == (200, 300)
     assert jump["share_of_gain"] == pytest.approx(0.35 / 0.50)
@@ -216,6 +217,57 @@ def test_report_summary_curve_and_sudden_convergence(tmp_path):
         read_evals(run)
     with pytest.raises(FileNotFoundError, match="eval.every"):
         read_evals(tmp_path)
+
+
+def _eval_run(path, ious, colour):
+    path.mkdir()
+    lines = [
+        json.dumps({"step": 50 * i, "iou": v, "colour_adherence": colour})
+        for i, v in enumerate(ious)
+    ]
+    (path / "eval.jsonl").write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "ious, colour, missed",
+    [
+        ([0.42, 0.55, 0.71], 0.94, []),  # the demo: a good base (0.42), gain 0.29
+        ([0.42, 0.60, 0.64], 0.94, ["iou_final"]),  # gain 0.22 but not 0.65
+        ([0.50, 0.60, 0.66], 0.94, ["iou_gain"]),  # 0.66 but only 0.16 over the base
+        ([0.42, 0.55, 0.71], 0.88, ["colour_adherence"]),
+    ],
+)
+def test_report_targets_final_iou_gain_over_the_base_and_colour(tmp_path, ious, colour, missed):
+    """The targets a good base leaves reachable: a final IoU, a gain over step 0
+    (the base alone) and the colour kept; no ratio (3 x 0.42 > 1)."""
+    from cn_jax.eval.report import TARGETS, check_targets, run_metrics
+
+    assert TARGETS == {"min_iou": 0.65, "min_gain": 0.2, "min_colour": 0.9}
+    m = run_metrics(_eval_run(tmp_path / "run", ious, colour))
+    checks = check_targets(m)
+    assert len(checks) == 3 and not any("x iou_initial" in name for name in checks)
+    assert sorted(name.split()[0] for name, ok in checks.items() if not ok) == missed
+    assert all(check_targets(m, min_iou=0.6, min_gain=0.1, min_colour=0.8).values())
+
+
+def test_report_cli_prints_the_targets_and_strict_fails_a_missed_one(tmp_path, capsys):
+    from cn_jax.cli import main
+
+    met = _eval_run(tmp_path / "met", [0.424, 0.416, 0.708], 0.94)
+    assert main(["report", "--run", str(met), "--out", str(tmp_path / "o1"), "--strict"]) == 0
+    out = capsys.readouterr().out
+    assert "[ok] iou_final >= 0.65" in out and "[ok] iou_gain >= 0.2" in out
+    assert "[ok] colour_adherence >= 0.9" in out and "MISSED" not in out
+    saved = json.loads((tmp_path / "o1" / "metrics.json").read_text())
+    assert all(saved["targets"].values()) and saved["iou_gain"] == pytest.approx(0.284)
+    missed = _eval_run(tmp_path / "missed", [0.424, 0.5], 0.94)
+    args = ["report", "--run", str(missed), "--out", str(tmp_path / "o2")]
+    assert main(args) == 0  # reported, not failed, without --strict
+    out = capsys.readouterr().out
+    assert "[MISSED] iou_final >= 0.65" in out and "[MISSED] iou_gain >= 0.2" in out
+    assert main([*args, "--strict", "--min-iou", "0.4", "--min-gain", "0.05"]) == 0
+    assert main([*args, "--strict"]) == 1
 
 
 def test_chance_iou_is_the_mean_iou_of_other_samples_disks():
