@@ -40,11 +40,11 @@ class ModelConfig(_Section):
     # v_prediction, rescale_betas_zero_snr: true, timestep_spacing: trailing} to train a
     # base from scratch with zero terminal SNR. The export writes the result.
     scheduler: dict[str, Any] | None = None
-    # Attention kernel (cn_jax.models.attention): auto = cuDNN flash attention on GPU in
+    # Attention kernel (cn_jax.kernels.attention): auto = cuDNN flash attention on GPU in
     # bfloat16/float16 where the head size allows, our cache-tiled kernel on CPU, XLA
     # elsewhere; xla | cudnn | tiled force one.
     attention: Literal["auto", "xla", "cudnn", "tiled"] = "auto"
-    # Convolution kernel (cn_jax.models.convolution): auto = XLA's on accelerators; on CPU
+    # Convolution kernel (cn_jax.kernels.convolution): auto = XLA's on accelerators; on CPU
     # one matrix product over the gathered taps (im2col) for 1x1 convolutions and small
     # images, XLA's above; xla | im2col force one.
     convolution: Literal["auto", "xla", "im2col"] = "auto"

@@ -1,51 +1,55 @@
 """Process-level settings: XLA flags set before JAX starts, host memory handed back.
 
+Nothing here runs on import: these are decisions for the program that owns the
+process, not for a library. The `cn-jax` command and the bench scripts call
+`configure_host()` first thing; a Python program may call it the same way,
+before anything starts JAX:
+
+    import cn_jax
+    cn_jax.runtime.configure_host()
+
 ## XLA flags
 
 One flag today, read by the CPU backend only: XLA's CPU scheduler orders
 independent operations to run them concurrently by default, which keeps more
 buffers alive at once. With that off (the memory-first, depth-first order) an
-SD 1.5-shape ControlNet train step at 256 px, batch 4 needs 2.9 GiB of
-temporaries instead of 6.9 GiB, and its process peaked at 13.9 GiB of RSS
-instead of 17.8 GiB on a 2-core CPU at the same step time (docs/benchmarks.md).
-GPU and TPU compiles do not read it, and where an accelerator plugin is
-installed (jax[cuda], libtpu) it is not set at all: a plugin carries its own
-copy of XLA, which parses `XLA_FLAGS` too. Nor where this jaxlib's XLA does
-not define it (`xla_knows`): XLA aborts on an unknown flag.
+SD 1.5-shape ControlNet step needs less than half the temporaries at the same
+step time (docs/benchmarks.md, "SD 1.5 shape, compile only"). GPU and TPU
+compiles do not read it, and where an accelerator plugin is installed
+(jax[cuda], libtpu) it is not set at all: a plugin carries its own copy of
+XLA, which parses `XLA_FLAGS` too. Nor where this jaxlib's XLA does not define
+it (`xla_knows`): XLA aborts on an unknown flag.
 
 XLA reads `XLA_FLAGS` once, when JAX starts its backends; this flag given per
 compile (`compiler_options=`) is accepted and ignored by the CPU client
-(measured). So importing this module (`import cn_jax` does, first) appends
-it to `XLA_FLAGS` if JAX has not started yet. Where JAX started before cn_jax
-was imported nothing changes, and `cpu_scheduler()` says which scheduler runs.
-A flag the user put in `XLA_FLAGS` stays as they set it:
+(measured). So `configure_host()` appends it to `XLA_FLAGS`, and only if JAX
+has not started yet; `cpu_scheduler()` says which scheduler runs. A flag the
+user put in `XLA_FLAGS` stays as they set it:
 `XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=true` brings XLA's
 default back.
 
 ## Host memory
 
 `release_after_setup()` hands freed host memory back to the OS after set-up
-and after compiling (`loop.train`, `TrainBench`, `SampleBench`): with it and the scheduler
-above, that b4 step's process peaks at 11.8 GiB. It also drops JAX's trace and
-compile caches, but only in a process whose program opted in with
-`configure_host()` (the `cn-jax` command and the bench scripts do, first
-thing): those caches are process-wide, and a library call that emptied them
-would make every function its caller had jitted trace and compile again (the
-test suite, which calls `train` many times in one process, did exactly that).
+and after compiling (`loop.train`, `TrainBench`, `SampleBench`): set-up and
+compiling free many buffers in pieces glibc keeps for reuse, which would stay
+in the resident set under the step. It also drops JAX's trace and compile
+caches (the set-up's weight-init programs), but only in a process whose
+program opted in with `configure_host()`: those caches are process-wide, and
+a library call that emptied them would make every function its caller had
+jitted trace and compile again (the test suite, which calls `train` many
+times in one process, did exactly that).
 
 ## Huge pages
 
 XLA's CPU client allocates a compiled program's temporaries (a train step's
-gradients and activations: 1.6 GB for an SD 1.5 ControlNet step at 256 px,
-batch 1; 3.6 GB when fine-tuning the UNet) with `malloc` at every call, and
-glibc serves blocks that large with a fresh `mmap` that it unmaps again on
-`free`: every step the kernel faults in and zeroes that memory anew, 4 KiB a
-page (measured on a 2-core VM: 395,000 page faults per ControlNet step,
-890,000 per fine-tune step). With glibc's `glibc.malloc.hugetlb=1` tunable
-malloc asks for transparent huge pages (`madvise(MADV_HUGEPAGE)`), 2 MiB a
-fault: a few thousand faults a step, the fine-tune step 15% faster (kernel
-time 3.3 -> 1.6 s a step), the ControlNet step's change within the noise
-(docs/benchmarks.md, "Host memory: huge pages").
+gradients and activations, gigabytes at SD 1.5 shape) with `malloc` at every
+call, and glibc serves blocks that large with a fresh `mmap` that it unmaps
+again on `free`: every step the kernel faults in and zeroes that memory anew,
+4 KiB a page. With glibc's `glibc.malloc.hugetlb=1` tunable malloc asks for
+transparent huge pages (`madvise(MADV_HUGEPAGE)`), 2 MiB a fault: far fewer
+faults and less kernel time a step (docs/benchmarks.md, "Host memory: huge
+pages").
 
 glibc reads its tunables once, when a process starts, so this cannot be
 switched on from Python. `hugepage_env()` is the environment to run with,
@@ -155,18 +159,24 @@ def cpu_scheduler() -> str:
 _drop_jax_caches_after_setup = False
 
 
-def configure_host() -> None:
+def configure_host(*, xla_flags: bool = True, drop_jax_caches: bool = True) -> None:
     """Opt this process into cn_jax's process-wide host policies.
 
     Called first thing by the `cn-jax` command and the bench scripts; Python
-    programs that own their process may call it too. Today it lets
-    `release_after_setup()` (the end of `train`'s, `TrainBench`'s and
-    `SampleBench`'s set-up) drop JAX's trace and compile caches as well: the
-    set-up's weight-init programs, about 0.4 GiB of host memory at SD 1.5 shape.
-    Without it a library call never empties caches its caller relies on.
+    programs that own their process may call it too, before JAX starts.
+
+    Args:
+      xla_flags: append `DEFAULT_FLAGS` to `XLA_FLAGS` (`set_default_flags`:
+        only before JAX starts, only flags the user did not set).
+      drop_jax_caches: let `release_after_setup()` (the end of `train`'s,
+        `TrainBench`'s and `SampleBench`'s set-up) drop JAX's trace and compile
+        caches too (the set-up's weight-init programs). Without it a library
+        call never empties caches its caller relies on.
     """
     global _drop_jax_caches_after_setup
-    _drop_jax_caches_after_setup = True
+    if xla_flags:
+        set_default_flags()
+    _drop_jax_caches_after_setup = drop_jax_caches
 
 
 def release_after_setup() -> bool:
@@ -181,15 +191,13 @@ def release_host_memory(jax_caches: bool = False) -> bool:
 
     Set-up and compiling free many buffers (init copies, weights the step does
     not read, the compiler's own) in pieces glibc keeps for reuse, so they would
-    stay in the process's resident set under the step: 1.7 GiB after an SD 1.5
-    ControlNet set-up on CPU and 1 GiB more after its compile (docs/benchmarks.md).
+    stay in the process's resident set under the step (docs/benchmarks.md).
 
     `jax_caches=True` first drops JAX's trace and compile caches
     (`jax.clear_caches`): the traced and compiled weight-init programs of the
-    set-up, which nothing calls again, held about 0.4 GiB of host memory at SD 1.5
-    shape. Only where every function still needed is compiled ahead of time (a
-    `Compiled` keeps its executable) or may be traced again: a jitted function
-    called later recompiles.
+    set-up, which nothing calls again. Only where every function still needed is
+    compiled ahead of time (a `Compiled` keeps its executable) or may be traced
+    again: a jitted function called later recompiles.
     Returns False where there is no glibc (macOS, musl): only the caches are
     dropped there.
     """
@@ -291,6 +299,3 @@ def reexec_with_hugepages() -> None:
     # sys.orig_argv: the interpreter's own options and the way it was started
     # (a console script, -m, -c) come back as they were.
     os.execve(sys.executable, sys.orig_argv, env)
-
-
-set_default_flags()

@@ -48,7 +48,7 @@ def _jax_kernels(shape, dtype):
     import jax.numpy as jnp
     import numpy as np
 
-    from cn_jax.models.attention import tiled_attention
+    from cn_jax.kernels.tiled_attention import tiled_attention
 
     b, nq, nk, h, d = shape
     scale = d**-0.5
@@ -167,4 +167,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from cn_jax import runtime
+
+    runtime.configure_host()  # a program: XLA's memory-first CPU scheduler, as `cn-jax`
     sys.exit(main())

@@ -59,7 +59,7 @@ def _jax_kernels(shape):
     import jax.numpy as jnp
     import numpy as np
 
-    from cn_jax.models import convolution as cv
+    from cn_jax.kernels import Kernels, conv2d, resolve_convolution
 
     b, n, cin, cout, k, s = shape
     pad = ((k // 2, k // 2),) * 2
@@ -68,14 +68,12 @@ def _jax_kernels(shape):
     w = jnp.asarray(rng.standard_normal((k, k, cin, cout), np.float32) / (k * k * cin) ** 0.5)
     no = (n + 2 * (k // 2) - k) // s + 1
     g = jnp.asarray(rng.standard_normal((b, no, no, cout), np.float32))
-    with cv.conv_implementation("auto"):
-        auto = cv.resolve_conv_implementation(x.shape, w.shape, (s, s), pad)
+    auto = resolve_convolution(x.shape, w.shape, (s, s), pad, Kernels().for_platform())
     out, results = {}, {}
     for name in ("xla", "im2col"):
 
         def f(x, w, name=name):
-            with cv.conv_implementation(name):
-                return cv.conv2d(x, w, (s, s), pad)
+            return conv2d(x, w, (s, s), pad, Kernels(convolution=name))
 
         fns = {
             "fwd": jax.jit(f),
@@ -166,4 +164,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from cn_jax import runtime
+
+    runtime.configure_host()  # a program: XLA's memory-first CPU scheduler, as `cn-jax`
     sys.exit(main())

@@ -34,7 +34,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-import cn_jax  # noqa: E402, F401 (adds its XLA flags before JAX starts: cn_jax/runtime.py)
+from cn_jax import runtime  # noqa: E402
+
+# The test process is a program: XLA's memory-first CPU scheduler, as the `cn-jax`
+# command, set before JAX starts; JAX's caches are kept (tests share compiled programs).
+runtime.configure_host(drop_jax_caches=False)
 
 # Parity is measured in true float32 (GPUs would otherwise use TF32 matmuls).
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -73,21 +77,3 @@ def pytest_pyfunc_call(pyfuncitem):
     if " passed" not in out:
         pytest.skip(f"skipped in the child process with {n} CPU devices: {out[-500:]}")
     return True
-
-
-@pytest.fixture(autouse=True)
-def _default_kernels():
-    """Every test starts from the default attention and convolution kernels.
-
-    They are process globals that `loop.build` and `bench.sample` set from a
-    config (`model.attention`, `model.convolution`): without this, a test that
-    builds with `model.convolution=xla` would silently change what every later
-    test in the process measures."""
-    from cn_jax.models.attention import set_attention_implementation
-    from cn_jax.models.convolution import set_conv_implementation
-
-    set_attention_implementation("auto")
-    set_conv_implementation("auto")
-    yield
-    set_attention_implementation("auto")
-    set_conv_implementation("auto")

@@ -1,14 +1,16 @@
-"""The attention kernel choice (cn_jax.models.attention): names checked, "auto" is
-the tiled kernel on the CPU, the tiled kernel matches JAX's XLA path (outputs and
-gradients, every tiling), and the choice is read at trace time. The cuDNN side is
-checked against XLA on a GPU in tests/test_gpu.py."""
+"""Attention kernels (cn_jax.kernels.attention, cn_jax.kernels.tiled_attention): names
+checked, "auto" is the tiled kernel on the CPU, the tiled kernel matches JAX's XLA path
+(outputs and gradients, every tiling). The cuDNN side is checked against XLA on a GPU
+in tests/test_gpu.py; the choice as a model field in tests/test_kernels.py."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cn_jax.models import attention as attn
+from cn_jax.kernels import Kernels
+from cn_jax.kernels import attention as attn
+from cn_jax.kernels import tiled_attention as tiled
 
 
 def _qkv(dtype=jnp.float32):
@@ -19,19 +21,15 @@ def _qkv(dtype=jnp.float32):
 
 def test_unknown_implementation_is_named():
     with pytest.raises(ValueError, match=r"'flash'.*auto.*xla.*cudnn.*tiled"):
-        attn.set_attention_implementation("flash")
-    assert attn.get_attention_implementation() == "auto"
+        Kernels(attention="flash")
 
 
 def test_auto_off_gpu_is_tiled_and_matches_softmax():
     q, k, v = _qkv()
-    with attn.attention_implementation("auto"):
-        auto = attn.dot_product_attention(q, k, v, scale=0.25)
-        chosen = attn.resolve_implementation(q, k)
-    with attn.attention_implementation("xla"):
-        xla = attn.dot_product_attention(q, k, v, scale=0.25)
-        assert attn.resolve_implementation(q, k) == "xla"
-    assert attn.get_attention_implementation() == "auto"  # restored
+    auto = attn.dot_product_attention(q, k, v, 0.25, Kernels())
+    chosen = attn.resolve_attention(q, k, Kernels())
+    xla = attn.dot_product_attention(q, k, v, 0.25, Kernels(attention="xla"))
+    assert attn.resolve_attention(q, k, Kernels(attention="xla")) == "xla"
     assert chosen == ("tiled" if jax.default_backend() == "cpu" else "xla")
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * 0.25
     want = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
@@ -39,18 +37,19 @@ def test_auto_off_gpu_is_tiled_and_matches_softmax():
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     if jax.default_backend() != "gpu":
         q16 = q.astype(jnp.bfloat16)
-        assert not attn._cudnn_applies(q16, q16)  # CPU: never cuDNN, even in bfloat16
+        # The CPU never gets cuDNN, even in bfloat16.
+        assert not attn._cudnn_applies(q16, q16, jax.default_backend())
 
 
 def test_tiling_divides_and_stays_in_budget():
-    assert attn._divisor_at_most(1024, 300) == 256
-    assert attn._divisor_at_most(7, 6) == 1  # a prime row count: one row a tile
-    assert attn._divisor_at_most(64, 0) == 1
+    assert tiled._divisor_at_most(1024, 300) == 256
+    assert tiled._divisor_at_most(7, 6) == 1  # a prime row count: one row a tile
+    assert tiled._divisor_at_most(64, 0) == 1
     # SD 1.5 self-attention, 256 px, batch 4: 1,024 tokens, 8 heads.
-    heads, rows = attn._tiling(4, 1024, 8, 1024, attn.FORWARD_TILE)
-    assert (heads, rows) == (1, 128) and 4 * heads * rows * 1024 <= attn.FORWARD_TILE
+    heads, rows = tiled._tiling(4, 1024, 8, 1024, tiled.FORWARD_TILE)
+    assert (heads, rows) == (1, 128) and 4 * heads * rows * 1024 <= tiled.FORWARD_TILE
     # A small problem is one tile: no loop at all.
-    assert attn._tiling(2, 64, 4, 77, attn.FORWARD_TILE) == (4, 64)
+    assert tiled._tiling(2, 64, 4, 77, tiled.FORWARD_TILE) == (4, 64)
 
 
 def _grads(fn, q, k, v, dout):
@@ -66,8 +65,8 @@ TILES = [(1 << 30, 1 << 30), (2 * 64 * 7, 2 * 64 * 7), (2 * 16 * 7, 2 * 8 * 7), 
 @pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize("tokens,kv_tokens", [(64, 64), (64, 7), (7, 64)])
 def test_tiled_matches_xla_with_gradients(monkeypatch, tiles, tokens, kv_tokens):
-    monkeypatch.setattr(attn, "FORWARD_TILE", tiles[0])
-    monkeypatch.setattr(attn, "BACKWARD_TILE", tiles[1])
+    monkeypatch.setattr(tiled, "FORWARD_TILE", tiles[0])
+    monkeypatch.setattr(tiled, "BACKWARD_TILE", tiles[1])
     rng = np.random.default_rng(1)
     q, dout = (jnp.asarray(rng.standard_normal((2, tokens, 4, 16), np.float32)) for _ in "qd")
     k, v = (jnp.asarray(rng.standard_normal((2, kv_tokens, 4, 16), np.float32)) for _ in "kv")
@@ -76,7 +75,7 @@ def test_tiled_matches_xla_with_gradients(monkeypatch, tiles, tokens, kv_tokens)
         def fn(q, k, v):
             return jax.nn.dot_product_attention(q, k, v, scale=0.25, implementation="xla")
 
-        return fn if impl == "xla" else lambda q, k, v: attn.tiled_attention(q, k, v, 0.25)
+        return fn if impl == "xla" else lambda q, k, v: tiled.tiled_attention(q, k, v, 0.25)
 
     want = _grads(kernel("xla"), q, k, v, dout)
     got = jax.jit(lambda *a: _grads(kernel("tiled"), *a))(q, k, v, dout)
@@ -88,9 +87,9 @@ def test_tiled_matches_xla_with_gradients(monkeypatch, tiles, tokens, kv_tokens)
 def test_tiled_bfloat16_matches_float32():
     q, k, v = _qkv()
     dout = jnp.ones_like(q)
-    f32 = _grads(lambda q, k, v: attn.tiled_attention(q, k, v, 0.25), q, k, v, dout)
+    f32 = _grads(lambda q, k, v: tiled.tiled_attention(q, k, v, 0.25), q, k, v, dout)
     b16 = [x.astype(jnp.bfloat16) for x in (q, k, v, dout)]
-    got = _grads(lambda q, k, v: attn.tiled_attention(q, k, v, 0.25), *b16)
+    got = _grads(lambda q, k, v: tiled.tiled_attention(q, k, v, 0.25), *b16)
     for g, w in zip(got, f32):
         assert g.dtype == jnp.bfloat16
         err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - w)) / jnp.max(jnp.abs(w)))
@@ -109,9 +108,9 @@ def test_tiled_backward_keeps_no_score_matrices():
         return [leaf.size for leaf in jax.tree.leaves(jax.vjp(fn, x, x, x)[1])]
 
     xla = saved(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))
-    tiled = saved(lambda q, k, v: attn.tiled_attention(q, k, v, 0.25))
+    ours = saved(lambda q, k, v: tiled.tiled_attention(q, k, v, 0.25))
     assert max(xla) >= scores  # the check can fail: JAX's path does keep them
-    assert sorted(tiled) == [256 * 4] + [x.size] * 4, tiled
+    assert sorted(ours) == [256 * 4] + [x.size] * 4, ours
 
 
 @pytest.mark.devices(8)
@@ -125,14 +124,14 @@ def test_tiled_with_a_sharded_batch_matches_one_device(monkeypatch):
     if len(devices) < 2:
         pytest.fail("needs several devices: marked devices(8)")
     n = len(devices)
-    monkeypatch.setattr(attn, "FORWARD_TILE", n * 64 * 7)  # rows and heads both split
-    monkeypatch.setattr(attn, "BACKWARD_TILE", n * 64 * 7)
+    monkeypatch.setattr(tiled, "FORWARD_TILE", n * 64 * 7)  # rows and heads both split
+    monkeypatch.setattr(tiled, "BACKWARD_TILE", n * 64 * 7)
     rng = np.random.default_rng(2)
     q, dout = (jnp.asarray(rng.standard_normal((n, 64, 4, 16), np.float32)) for _ in "qd")
     k, v = (jnp.asarray(rng.standard_normal((n, 64, 4, 16), np.float32)) for _ in "kv")
 
     def run(q, k, v, dout):
-        return _grads(lambda q, k, v: attn.tiled_attention(q, k, v, 0.25), q, k, v, dout)
+        return _grads(lambda q, k, v: tiled.tiled_attention(q, k, v, 0.25), q, k, v, dout)
 
     want = jax.jit(run)(q, k, v, dout)
     batch = NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec("data"))

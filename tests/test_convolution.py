@@ -1,7 +1,8 @@
-"""The convolution kernel choice (cn_jax.models.convolution): names checked,
-`Conv2D` is `flax.linen.Conv` (same parameters, same outputs and gradients) under
-every kernel, "auto" picks im2col only where it is faster on the CPU, and im2col
-keeps no gathered matrix for the backward pass."""
+"""Convolution kernels (cn_jax.kernels.convolution, cn_jax.kernels.im2col) and
+`Conv2D` (cn_jax.models.layers): names checked, `Conv2D` is `flax.linen.Conv` (same
+parameters, same outputs and gradients) under every kernel, "auto" picks im2col
+only where it is faster on the CPU, and im2col keeps no gathered matrix for the
+backward pass."""
 
 import flax.linen as nn
 import jax
@@ -9,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cn_jax.models import convolution as cv
+from cn_jax.kernels import CONV_KERNELS, Kernels
+from cn_jax.kernels import convolution as cv
+from cn_jax.kernels.im2col import im2col_conv
 from cn_jax.models.layers import conv, torch_like_kernel_init
 
 CASES = [  # kernel, stride, padding: the SD convs (3x3, stride-2 3x3 both paddings, 1x1)
@@ -28,17 +31,19 @@ def _close(got, want):
 
 def test_unknown_implementation_is_named():
     with pytest.raises(ValueError, match=r"'winograd'.*auto.*xla.*im2col"):
-        cv.set_conv_implementation("winograd")
-    assert cv.get_conv_implementation() == "auto"
-    with cv.conv_implementation("im2col"):
-        assert cv.get_conv_implementation() == "im2col"
-    assert cv.get_conv_implementation() == "auto"  # restored
+        Kernels(convolution="winograd")
 
 
 @pytest.mark.parametrize("kernel,stride,padding", CASES)
 def test_conv2d_is_flax_conv_under_every_implementation(kernel, stride, padding):
     x = jax.random.normal(jax.random.key(1), (2, 7, 6, 5))  # odd height: stride-2 edges
-    ours = conv(8, kernel, jnp.float32, jnp.float32, "c", stride=stride, padding=padding)
+
+    def ours_with(impl):
+        kernels = Kernels(convolution=impl)
+        f32 = jnp.float32
+        return conv(8, kernel, f32, f32, "c", stride=stride, padding=padding, kernels=kernels)
+
+    ours = ours_with("auto")
     pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
     flax_conv = nn.Conv(
         8, (kernel, kernel), strides=(stride, stride), padding=pad,
@@ -57,9 +62,9 @@ def test_conv2d_is_flax_conv_under_every_implementation(kernel, stride, padding)
         return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
 
     want = (flax_conv.apply(params, x), jax.grad(loss(flax_conv), argnums=(0, 1))(params, x))
-    for impl in cv.CONV_IMPLEMENTATIONS:
-        with cv.conv_implementation(impl):
-            got = (ours.apply(params, x), jax.grad(loss(ours), argnums=(0, 1))(params, x))
+    for impl in CONV_KERNELS:
+        m = ours_with(impl)
+        got = (m.apply(params, x), jax.grad(loss(m), argnums=(0, 1))(params, x))
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             assert g.shape == w.shape
             _close(g, w)
@@ -67,12 +72,13 @@ def test_conv2d_is_flax_conv_under_every_implementation(kernel, stride, padding)
 
 def test_bfloat16_compute_through_im2col():
     x = jax.random.normal(jax.random.key(1), (1, 8, 8, 4))
-    m = conv(6, 3, jnp.bfloat16, jnp.float32, "c")
-    params = m.init(jax.random.key(0), x)
-    with cv.conv_implementation("xla"):
-        ref = m.apply(params, x)
-    with cv.conv_implementation("im2col"):
-        got = m.apply(params, x)
+
+    def m(impl):
+        return conv(6, 3, jnp.bfloat16, jnp.float32, "c", kernels=Kernels(convolution=impl))
+
+    params = m("xla").init(jax.random.key(0), x)
+    ref = m("xla").apply(params, x)
+    got = m("im2col").apply(params, x)
     assert got.dtype == ref.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32),
                                rtol=3e-2, atol=3e-2)  # fmt: skip
@@ -81,11 +87,11 @@ def test_bfloat16_compute_through_im2col():
 def test_auto_takes_im2col_for_pointwise_and_small_images_on_cpu():
     same, none = ((1, 1), (1, 1)), ((0, 0), (0, 0))
     k3, k1 = (3, 3, 1280, 1280), (1, 1, 320, 320)
-    with cv.conv_implementation("auto"):
-        small = cv.resolve_conv_implementation((4, 8, 8, 1280), k3, (1, 1), same)
-        strided = cv.resolve_conv_implementation((4, 16, 16, 640), k3, (2, 2), same)
-        large = cv.resolve_conv_implementation((4, 32, 32, 320), k3, (1, 1), same)
-        pointwise = cv.resolve_conv_implementation((4, 64, 64, 320), k1, (1, 1), none)
+    auto = Kernels()
+    small = cv.resolve_convolution((4, 8, 8, 1280), k3, (1, 1), same, auto)
+    strided = cv.resolve_convolution((4, 16, 16, 640), k3, (2, 2), same, auto)
+    large = cv.resolve_convolution((4, 32, 32, 320), k3, (1, 1), same, auto)
+    pointwise = cv.resolve_convolution((4, 64, 64, 320), k1, (1, 1), none, auto)
     if jax.default_backend() == "cpu":
         # 4 x 8 x 8 = 256 output pixels: at the limit; stride 2 counts the output.
         assert cv.IM2COL_MAX_ROWS == 256
@@ -93,8 +99,8 @@ def test_auto_takes_im2col_for_pointwise_and_small_images_on_cpu():
     else:
         assert {small, strided, large, pointwise} == {"xla"}
     for impl in ("xla", "im2col"):
-        with cv.conv_implementation(impl):
-            assert cv.resolve_conv_implementation((4, 32, 32, 320), k3, (1, 1), same) == impl
+        chosen = cv.resolve_convolution((4, 32, 32, 320), k3, (1, 1), same, Kernels("auto", impl))
+        assert chosen == impl
 
 
 def test_im2col_keeps_only_its_inputs_for_the_backward_pass():
@@ -107,19 +113,19 @@ def test_im2col_keeps_only_its_inputs_for_the_backward_pass():
         _, vjp = jax.vjp(lambda x, k: fn(x, k, (1, 1), ((1, 1), (1, 1))), x, k)
         return sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(vjp))
 
-    assert saved(cv.im2col_conv) == [(2, 8, 8, 6), (3, 3, 6, 4)]
+    assert saved(im2col_conv) == [(2, 8, 8, 6), (3, 3, 6, 4)]
     # Without the checkpoint the product would keep the gathered matrix.
-    assert (2, 8, 8, 54) in saved(cv.im2col_conv.__wrapped__)
+    assert (2, 8, 8, 54) in saved(im2col_conv.__wrapped__)
 
 
-def test_the_choice_is_read_at_trace_time():
+def test_the_choice_decides_the_program():
     x = jnp.ones((1, 4, 4, 3))
     k = jnp.ones((3, 3, 3, 2))
     same = ((1, 1), (1, 1))
 
     def hlo(impl):
-        with cv.conv_implementation(impl):
-            return jax.jit(lambda x, k: cv.conv2d(x, k, (1, 1), same)).lower(x, k).as_text()
+        kernels = Kernels(convolution=impl)
+        return jax.jit(lambda x, k: cv.conv2d(x, k, (1, 1), same, kernels)).lower(x, k).as_text()
 
     assert "convolution" in hlo("xla")
     assert "convolution" not in hlo("im2col") and "dot_general" in hlo("im2col")

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cn_jax import ControlNet, ControlNetConfig, UNet, UNetConfig
-from cn_jax.models.attention import attention_implementation, dot_product_attention
+from cn_jax import ControlNet, ControlNetConfig, Kernels, UNet, UNetConfig
+from cn_jax.kernels import dot_product_attention
 
 pytestmark = pytest.mark.gpu
 
@@ -25,9 +25,11 @@ def _models():
     return ucfg, ControlNetConfig.from_unet(ucfg)
 
 
-def _run(dtype, device):
+def _run(dtype, device, kernels=Kernels()):  # noqa: B008 (frozen: a constant)
     ucfg, ccfg = _models()
-    unet, cnet = UNet(ucfg, dtype=dtype), ControlNet(ccfg, dtype=dtype)
+    kernels = kernels.for_platform(device.platform)
+    unet = UNet(ucfg, dtype=dtype, kernels=kernels)
+    cnet = ControlNet(ccfg, dtype=dtype, kernels=kernels)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 32, 32, 4), dtype=np.float32)
     t = np.array([10.0, 900.0], np.float32)
@@ -60,8 +62,7 @@ def _run(dtype, device):
 def test_gpu_matches_cpu(dtype, impl, tol):
     """bfloat16 "auto" runs every attention here (head sizes 16 and 32) through cuDNN."""
     ref = _run(jnp.float32, jax.devices("cpu")[0])
-    with attention_implementation(impl):
-        out = _run(dtype, GPUS[0])
+    out = _run(dtype, GPUS[0], Kernels(attention=impl))
     err = float(np.abs(out - ref).max() / np.abs(ref).max())
     print(f"GPU {jnp.dtype(dtype).name} attention={impl} vs CPU float32: max rel err {err:.2e}")
     assert err <= tol
@@ -85,8 +86,7 @@ def test_cudnn_attention_matches_xla(tokens, kv_tokens, head_dim, chosen):
 
     def run(impl, dtype):
         def loss(q, k, v):
-            with attention_implementation(impl):
-                out = dot_product_attention(q, k, v, scale=head_dim**-0.5)
+            out = dot_product_attention(q, k, v, head_dim**-0.5, Kernels(attention=impl))
             return jnp.sum(out.astype(jnp.float32) * w), out
 
         args = [jnp.asarray(a, dtype) for a in (q, k, v)]

@@ -1,4 +1,5 @@
-"""cn_jax.runtime: the XLA flags `import cn_jax` sets (the memory-first CPU scheduler
+"""cn_jax.runtime: importing cn_jax changes nothing outside it (no XLA_FLAGS, no JAX
+backend started); the XLA flags `configure_host()` sets (the memory-first CPU scheduler
 reaches XLA, a flag the user set is kept, nothing changes once JAX has started;
 checked on XLA's own buffer count in fresh processes, since XLA reads XLA_FLAGS
 once per process) and `release_host_memory` (freed pages leave the resident set)."""
@@ -26,6 +27,11 @@ if sys.argv[1] == "start-jax-first":
     import jax.numpy as jnp
     jnp.zeros(1).block_until_ready()
 import cn_jax
+from jax._src import xla_bridge
+started_by_import = xla_bridge.backends_are_initialized()
+flags_after_import = os.environ.get("XLA_FLAGS")
+if sys.argv[1] != "import-only":
+    cn_jax.runtime.configure_host()
 import jax, jax.numpy as jnp
 def f(x):
     ys = [jnp.sin(x * i) @ x for i in range(8)]
@@ -33,11 +39,13 @@ def f(x):
 c = jax.jit(f).lower(jnp.ones((512, 512))).compile()
 print(json.dumps({"flags": os.environ.get("XLA_FLAGS", ""),
                   "scheduler": cn_jax.runtime.cpu_scheduler(),
+                  "started_by_import": started_by_import,
+                  "flags_after_import": flags_after_import,
                   "temp": c.memory_analysis().temp_size_in_bytes}))
 """
 
 
-def _child(xla_flags: str | None, mode: str = "import-first") -> dict:
+def _child(xla_flags: str | None, mode: str = "configure-first") -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # compile for real, every time
@@ -48,6 +56,15 @@ def _child(xla_flags: str | None, mode: str = "import-first") -> dict:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_importing_cn_jax_changes_nothing_outside_it():
+    """The issue's check: with no XLA_FLAGS, `import cn_jax` leaves it unset and starts
+    no JAX backend; the program's scheduler is XLA's default until it opts in."""
+    r = _child(None, "import-only")
+    assert r["flags_after_import"] is None and r["flags"] == ""
+    assert r["started_by_import"] is False
+    assert r["scheduler"] == "concurrency"
 
 
 @cpu_only
@@ -184,7 +201,7 @@ def test_the_command_opts_in_and_main_argv_does_not(monkeypatch):
 @cpu_only
 @pytest.mark.skipif(f"{FLAG}=true" in os.environ.get("XLA_FLAGS", ""), reason="user's choice")
 def test_this_test_process_runs_memory_first():
-    # conftest.py sets XLA_FLAGS and imports cn_jax before JAX starts, so every
+    # conftest.py calls runtime.configure_host() before JAX starts, so every
     # other test here compiles with the memory-first scheduler.
     assert FLAG + "=false" in os.environ["XLA_FLAGS"]
     assert runtime.cpu_scheduler() == "memory-first"

@@ -15,10 +15,9 @@ Caveats (written here once, quoted by the reports):
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -159,19 +158,6 @@ def kernel_times_ms(
         for name, ts in interleave(runners, repeats).items():
             row[f"{name}_{part}_ms"] = 1e3 * median(ts)
     return row
-
-
-@contextlib.contextmanager
-def counting_kernels() -> Iterator[None]:
-    """Trace with the kernels FLOPs are counted on: JAX's attention and XLA's
-    convolutions. XLA counts a loop body once (the tiled attention kernel loops
-    over tiles) and im2col convolutions multiply their padding zeros too, so a
-    program using those is counted on its twin traced inside this block."""
-    from cn_jax.models.attention import attention_implementation
-    from cn_jax.models.convolution import conv_implementation
-
-    with attention_implementation("xla"), conv_implementation("xla"):
-        yield
 
 
 def median(xs) -> float | None:

@@ -28,6 +28,7 @@ import optax
 from cn_jax.bench import measure
 from cn_jax.bench.train import TrainBench
 from cn_jax.config import Config
+from cn_jax.kernels.choice import COUNTING
 from cn_jax.train.step import draw_randomness, encode_batch, loss_fn
 
 
@@ -48,43 +49,48 @@ def profile_step(
 
     # Inputs are arguments, never closed over: a closed-over array would be
     # baked into the program as a constant, which is not the step's program.
-    def loss(p, frozen, batch, draws):
-        return loss_fn(p, frozen, batch, draws, models, ac)[0]
+    def parts(models):
+        """(encode, loss, value_and_grad of the loss) computing with `models`."""
 
-    def encode(p, frozen, batch, draws):
-        from cn_jax.train.state import merge
+        def loss(p, frozen, batch, draws):
+            return loss_fn(p, frozen, batch, draws, models, ac)[0]
 
-        return encode_batch(models, merge(p, frozen), batch, draws["vae_noise"])
+        def encode(p, frozen, batch, draws):
+            from cn_jax.train.state import merge
 
-    grad = jax.value_and_grad(loss)
+            return encode_batch(models, merge(p, frozen), batch, draws["vae_noise"])
+
+        return {"encode": encode, "forward": loss, "forward_backward": jax.value_and_grad(loss)}
+
+    run_fns, count_fns = parts(models), parts(models.with_kernels(COUNTING))
     tx = b.tx
 
     def update(p, g, opt_state):
         updates, opt_state = tx.update(g, opt_state, p)
         return optax.apply_updates(p, updates), opt_state
 
+    run_fns["optimizer"] = count_fns["optimizer"] = update
     params = b.state.params
     out: dict[str, Any] = {"bench": "profile", **b.summary()}
     times: dict[str, float] = {"encode": 0.0}
 
-    def part(name, fn, *args):
-        compiled = jax.jit(fn).lower(*args).compile()
+    def part(name, *args):
+        compiled = jax.jit(run_fns[name]).lower(*args).compile()
         result = compiled(*args)
         times[name] = measure.median(
             measure.timed(lambda: compiled(*args))[0] for _ in range(repeats)
         )
-        # Counted as `TrainBench` counts the step: on the twin (no tile loops, no
-        # im2col padding).
-        with measure.counting_kernels():
-            out[f"{name}_flops"] = measure.program_flops(jax.jit(fn).lower(*args))
+        # Counted as `TrainBench` counts the step: on the twin traced with the
+        # counting kernels (no tile loops, no im2col padding).
+        out[f"{name}_flops"] = measure.program_flops(jax.jit(count_fns[name]).lower(*args))
         return result
 
     inputs = (params, frozen, batch, draws)
     if not config.data.cache_latents:  # cached: the step encodes nothing
-        part("encode", encode, *inputs)
-    part("forward", loss, *inputs)
-    _, grads = part("forward_backward", grad, *inputs)
-    part("optimizer", update, params, grads, b.state.opt_state)
+        part("encode", *inputs)
+    part("forward", *inputs)
+    _, grads = part("forward_backward", *inputs)
+    part("optimizer", params, grads, b.state.opt_state)
     b.step()
     times["step"] = measure.median(b.step() for _ in range(repeats))
     times["backward"] = times["forward_backward"] - times["forward"]

@@ -25,11 +25,9 @@ from cn_jax.bench import measure
 from cn_jax.config import Config
 from cn_jax.diffusion.guidance import denoise
 from cn_jax.diffusion.samplers import make_sampler
-from cn_jax.models.attention import set_attention_implementation
 from cn_jax.models.controlnet import ControlNet, init_controlnet_from_unet
-from cn_jax.models.convolution import set_conv_implementation
 from cn_jax.runtime import release_after_setup
-from cn_jax.train.loop import controlnet_config
+from cn_jax.train.loop import controlnet_config, kernels_of
 
 PROMPT = "a red circle on a blue background"  # fits the tiny model's 16 tokens
 
@@ -38,16 +36,16 @@ def _load(config: Config, dtype):
     from cn_jax.weights.sd import load_pipeline, random_pipeline
 
     m = config.model
-    set_attention_implementation(m.attention)
-    set_conv_implementation(m.convolution)
     if m.base is None:
-        return random_pipeline(
+        sd = random_pipeline(
             m.architecture, seed=config.train.seed, tokenizer=m.tokenizer, dtype=dtype,
             param_dtype=dtype,
         )  # fmt: skip
-    return load_pipeline(
-        m.base, config=m.base_config, tokenizer=m.tokenizer, dtype=dtype, param_dtype=dtype
-    )
+    else:
+        sd = load_pipeline(
+            m.base, config=m.base_config, tokenizer=m.tokenizer, dtype=dtype, param_dtype=dtype
+        )
+    return sd.with_kernels(kernels_of(config))
 
 
 def _controlnets(config: Config, sd, n: int, dtype) -> list[tuple[ControlNet, Any]]:
@@ -70,7 +68,7 @@ def _controlnets(config: Config, sd, n: int, dtype) -> list[tuple[ControlNet, An
             for k in range(n)
         ]
     cast = lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), t)  # noqa: E731
-    return [(net.clone(dtype=dtype), cast(p)) for net, p in nets]
+    return [(net.clone(dtype=dtype, kernels=sd.unet.kernels), cast(p)) for net, p in nets]
 
 
 class SampleBench:

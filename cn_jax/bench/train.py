@@ -22,7 +22,8 @@ import numpy as np
 
 from cn_jax.bench import measure
 from cn_jax.config import Config
-from cn_jax.models.convolution import may_leave_xla
+from cn_jax.kernels.choice import COUNTING
+from cn_jax.kernels.convolution import may_leave_xla
 from cn_jax.runtime import release_after_setup
 from cn_jax.train import sharding as shd
 from cn_jax.train.loop import build
@@ -135,7 +136,7 @@ class TrainBench:
       compiled: the AOT-compiled step; `compile_s` / `lower_s` its build times.
       flops: XLA's FLOPs of one step (per device; `flops_source` says which program
         was counted: the step, or, with tiled attention loops or im2col
-        convolutions possible, its twin traced in `measure.counting_kernels`);
+        convolutions possible, its twin traced with `cn_jax.kernels.choice.COUNTING`);
         `memory`: `measure.program_memory`.
       state, frozen, batch, rng: the step's arguments (None with `run=False`).
     """
@@ -231,7 +232,7 @@ class TrainBench:
         self.setup_s = time.perf_counter() - t0
 
         # == Compile the step ahead of time (as loop.train does) ==
-        def jitted_step():  # a fresh function each call: jit's trace cache keys on it
+        def jitted_step(models):
             step_fn = make_train_step(
                 models, self.sd.schedule.alphas_cumprod(), tx, tc.grad_accum, tc.ema_decay
             )
@@ -243,20 +244,19 @@ class TrainBench:
             )
 
         t0 = time.perf_counter()
-        lowered = jitted_step().lower(*args)
+        lowered = jitted_step(models).lower(*args)
         t1 = time.perf_counter()
         self.compiled = lowered.compile()
         self.lower_s, self.compile_s = t1 - t0, time.perf_counter() - t1
         del lowered  # its StableHLO module: the executable is all the step needs
         self.flops = measure.program_flops(self.compiled)
         self.flops_source = "step"
-        if measure.attention_loops(self.compiled) or may_leave_xla():
+        if measure.attention_loops(self.compiled) or may_leave_xla(models.unet.kernels):
             # XLA counts a loop body once, and the tiled attention kernel loops over
             # tiles; im2col convolutions multiply their padding zeros too. Count the
             # same step's arithmetic on its twin traced with JAX's attention and XLA's
             # convolutions. Lowered only, never compiled or run.
-            with measure.counting_kernels():
-                twin = jitted_step().lower(*args)
+            twin = jitted_step(models.with_kernels(COUNTING)).lower(*args)
             self.flops = measure.program_flops(twin)
             self.flops_source = "step with xla attention and convolutions (lowered)"
             del twin

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cn_jax.kernels import DEFAULT, Kernels
 from cn_jax.models.config import ControlNetConfig
 from cn_jax.models.layers import Dtype, conv, zero_conv
 from cn_jax.models.unet import make_encoder, time_features
@@ -38,17 +39,18 @@ class ReleasedConditioningEmbedding(nn.Module):
     block_out_channels: tuple[int, ...] = (16, 32, 96, 256)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: Kernels = DEFAULT
 
     @nn.compact
     def __call__(self, cond: jax.Array) -> jax.Array:
-        d, p = self.dtype, self.param_dtype
+        d, p, k = self.dtype, self.param_dtype, self.kernels
         ch = self.block_out_channels
-        x = nn.silu(conv(ch[0], 3, d, p, "conv_in")(cond))
+        x = nn.silu(conv(ch[0], 3, d, p, "conv_in", kernels=k)(cond))
         for i in range(len(ch) - 1):
-            x = nn.silu(conv(ch[i], 3, d, p, f"blocks_{2 * i}")(x))
-            x = nn.silu(conv(ch[i + 1], 3, d, p, f"blocks_{2 * i + 1}", stride=2)(x))
+            x = nn.silu(conv(ch[i], 3, d, p, f"blocks_{2 * i}", kernels=k)(x))
+            x = nn.silu(conv(ch[i + 1], 3, d, p, f"blocks_{2 * i + 1}", stride=2, kernels=k)(x))
         zeros = nn.initializers.zeros
-        return conv(self.out_channels, 3, d, p, "conv_out", kernel_init=zeros)(x)
+        return conv(self.out_channels, 3, d, p, "conv_out", kernel_init=zeros, kernels=k)(x)
 
 
 class PaperConditioningEmbedding(nn.Module):
@@ -66,28 +68,31 @@ class PaperConditioningEmbedding(nn.Module):
     latent_factor: int = 8
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: Kernels = DEFAULT
 
     @nn.compact
     def __call__(self, cond: jax.Array) -> jax.Array:
-        d, p = self.dtype, self.param_dtype
+        d, p, k = self.dtype, self.param_dtype, self.kernels
         n_down = int(math.log2(self.latent_factor))
         gaussian = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # He normal
         x = cond
         for i, width in enumerate(self.block_out_channels):
             stride, pad = (2, 1) if i < n_down else (1, ((1, 2), (1, 2)))
             name = "conv_in" if i == 0 else f"blocks_{i - 1}"
-            x = conv(width, 4, d, p, name, stride, pad, kernel_init=gaussian)(x)
+            x = conv(width, 4, d, p, name, stride, pad, kernel_init=gaussian, kernels=k)(x)
             x = nn.relu(x)
-        return zero_conv(self.out_channels, d, p, "conv_out")(x)
+        return zero_conv(self.out_channels, d, p, "conv_out", kernels=k)(x)
 
 
-def condition_encoder(config: ControlNetConfig, dtype: Dtype, param_dtype: Dtype) -> nn.Module:
+def condition_encoder(
+    config: ControlNetConfig, dtype: Dtype, param_dtype: Dtype, kernels: Kernels = DEFAULT
+) -> nn.Module:
     """The condition encoder the config selects, ending at the first block's width."""
     c = config
     width, ch = c.block_out_channels[0], c.conditioning_embedding_out_channels
     if c.is_released:
-        return ReleasedConditioningEmbedding(width, ch, dtype, param_dtype)
-    return PaperConditioningEmbedding(width, ch, c.latent_factor, dtype, param_dtype)
+        return ReleasedConditioningEmbedding(width, ch, dtype, param_dtype, kernels)
+    return PaperConditioningEmbedding(width, ch, c.latent_factor, dtype, param_dtype, kernels)
 
 
 class ControlNet(nn.Module):
@@ -115,22 +120,24 @@ class ControlNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False  # recompute block activations in the backward pass
+    kernels: Kernels = DEFAULT  # attention and convolution kernels (cn_jax.kernels)
 
     def setup(self):
         c = self.config
-        d, p = self.dtype, self.param_dtype
-        enc = make_encoder(c, d, p, self.remat)
+        d, p, k = self.dtype, self.param_dtype, self.kernels
+        enc = make_encoder(c, d, p, self.remat, k)
         self.conv_in = enc["conv_in"]
         self.time_embedding = enc["time_embedding"]
         self.down_blocks = enc["down_blocks"]
         self.mid_block = enc["mid_block"]
-        self.controlnet_cond_embedding = condition_encoder(c, d, p)
+        self.controlnet_cond_embedding = condition_encoder(c, d, p, k)
         widths = residual_channels(c)
         self.controlnet_down_blocks = [
-            zero_conv(w, d, p, f"controlnet_down_blocks_{i}") for i, w in enumerate(widths)
+            zero_conv(w, d, p, f"controlnet_down_blocks_{i}", kernels=k)
+            for i, w in enumerate(widths)
         ]
         self.controlnet_mid_block = zero_conv(
-            c.block_out_channels[-1], d, p, "controlnet_mid_block"
+            c.block_out_channels[-1], d, p, "controlnet_mid_block", kernels=k
         )
 
     def __call__(

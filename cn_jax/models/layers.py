@@ -1,9 +1,11 @@
-"""Building blocks shared by the UNet and the ControlNet: timestep embedding,
-resnet block, up/down sampling, zero convolution.
+"""Building blocks shared by the UNet and the ControlNet: convolution,
+timestep embedding, resnet block, up/down sampling, zero convolution.
 
 Every module works on NHWC arrays and takes `dtype` (compute) and
-`param_dtype` (storage). Submodule names follow diffusers' attribute names so
-that weight conversion is one mechanical rule (see `cn_jax.weights.keymap`).
+`param_dtype` (storage); those with convolutions also take `kernels`, the
+model's kernel choice (`cn_jax.kernels.Kernels`), passed down the tree the
+same way. Submodule names follow diffusers' attribute names so that weight
+conversion is one mechanical rule (see `cn_jax.weights.keymap`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cn_jax.models.convolution import Conv2D
+from cn_jax.kernels import DEFAULT, Kernels, conv2d
+from cn_jax.kernels.im2col import Padding
 
 Dtype = jnp.dtype | type
 
@@ -23,6 +26,33 @@ Dtype = jnp.dtype | type
 # We use it for freshly created layers so that a model trained from scratch
 # here starts like its PyTorch twin.
 torch_like_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class Conv2D(nn.Module):
+    """`flax.linen.Conv` for NHWC images (parameters `kernel` HWIO, `bias`; same
+    names, shapes and initialisation), computed by `cn_jax.kernels.conv2d` with
+    the kernel `kernels` names."""
+
+    features: int
+    kernel_size: int
+    strides: int = 1
+    padding: Padding = ((0, 0), (0, 0))
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros
+    kernels: Kernels = DEFAULT
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param(
+            "kernel", self.kernel_init, (k, k, x.shape[-1], self.features), self.param_dtype
+        )
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = conv2d(x, kernel, (self.strides, self.strides), self.padding, self.kernels)
+        return y + bias
 
 
 def timestep_embedding(
@@ -98,6 +128,8 @@ def conv(
     padding: int | tuple = 1,
     kernel_init=torch_like_kernel_init,
     bias_init=nn.initializers.zeros,
+    *,
+    kernels: Kernels,
 ) -> Conv2D:
     pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
     return Conv2D(
@@ -109,11 +141,14 @@ def conv(
         param_dtype=param_dtype,
         kernel_init=kernel_init,
         bias_init=bias_init,
+        kernels=kernels,
         name=name,
     )
 
 
-def zero_conv(features: int, dtype: Dtype, param_dtype: Dtype, name: str) -> Conv2D:
+def zero_conv(
+    features: int, dtype: Dtype, param_dtype: Dtype, name: str, *, kernels: Kernels
+) -> Conv2D:
     """1x1 convolution with weight and bias initialised to zero (ControlNet's Z)."""
     return conv(
         features,
@@ -124,6 +159,7 @@ def zero_conv(features: int, dtype: Dtype, param_dtype: Dtype, name: str) -> Con
         padding=0,
         kernel_init=nn.initializers.zeros,
         bias_init=nn.initializers.zeros,
+        kernels=kernels,
     )
 
 
@@ -140,14 +176,15 @@ class ResnetBlock2D(nn.Module):
     output_scale_factor: float = 1.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: Kernels = DEFAULT
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None) -> jax.Array:
         """`temb=None`: a block without time conditioning (the VAE's), no time_emb_proj."""
-        d, p = self.dtype, self.param_dtype
+        d, p, k = self.dtype, self.param_dtype, self.kernels
         h = group_norm(self.groups, self.eps, d, p, "norm1")(x)
         h = nn.silu(h)
-        h = conv(self.out_channels, 3, d, p, "conv1")(h)
+        h = conv(self.out_channels, 3, d, p, "conv1", kernels=k)(h)
         if temb is not None:
             t = nn.Dense(
                 self.out_channels,
@@ -159,9 +196,9 @@ class ResnetBlock2D(nn.Module):
             h = h + t[:, None, None, :]
         h = group_norm(self.groups, self.eps, d, p, "norm2")(h)
         h = nn.silu(h)
-        h = conv(self.out_channels, 3, d, p, "conv2")(h)
+        h = conv(self.out_channels, 3, d, p, "conv2", kernels=k)(h)
         if x.shape[-1] != self.out_channels:
-            x = conv(self.out_channels, 1, d, p, "conv_shortcut", padding=0)(x)
+            x = conv(self.out_channels, 1, d, p, "conv_shortcut", padding=0, kernels=k)(x)
         out = x + h
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor
@@ -175,12 +212,14 @@ class Downsample2D(nn.Module):
     padding: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: Kernels = DEFAULT
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         # diffusers pads (0, 1, 0, 1) by hand when downsample_padding == 0.
         pad = self.padding if self.padding else ((0, 1), (0, 1))
-        return conv(self.out_channels, 3, self.dtype, self.param_dtype, "conv", 2, pad)(x)
+        d, p = self.dtype, self.param_dtype
+        return conv(self.out_channels, 3, d, p, "conv", 2, pad, kernels=self.kernels)(x)
 
 
 class Upsample2D(nn.Module):
@@ -189,6 +228,7 @@ class Upsample2D(nn.Module):
     out_channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: Kernels = DEFAULT
 
     @nn.compact
     def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
@@ -200,4 +240,5 @@ class Upsample2D(nn.Module):
             hi = (jnp.arange(output_size[0]) * x.shape[1]) // output_size[0]
             wi = (jnp.arange(output_size[1]) * x.shape[2]) // output_size[1]
             x = x[:, hi][:, :, wi]
-        return conv(self.out_channels, 3, self.dtype, self.param_dtype, "conv")(x)
+        d, p = self.dtype, self.param_dtype
+        return conv(self.out_channels, 3, d, p, "conv", kernels=self.kernels)(x)

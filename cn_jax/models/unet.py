@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cn_jax.kernels import DEFAULT, Kernels
 from cn_jax.models.attention import Transformer2DModel
 from cn_jax.models.config import EncoderConfig, UNetConfig
 from cn_jax.models.layers import (
@@ -49,14 +50,15 @@ class DownBlock(nn.Module):
     upcast_attention: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: Kernels = DEFAULT
 
     @nn.compact
     def __call__(self, x, temb, context):
-        d, p = self.dtype, self.param_dtype
+        d, p, k = self.dtype, self.param_dtype, self.kernels
         skips = []
         for i in range(self.num_layers):
             x = ResnetBlock2D(
-                self.out_channels, self.groups, self.eps, dtype=d, param_dtype=p,
+                self.out_channels, self.groups, self.eps, dtype=d, param_dtype=p, kernels=k,
                 name=f"resnets_{i}",
             )(x, temb)  # fmt: skip
             if self.has_attention:
@@ -64,7 +66,7 @@ class DownBlock(nn.Module):
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(
-                self.out_channels, self.downsample_padding, d, p, name="downsamplers_0"
+                self.out_channels, self.downsample_padding, d, p, k, name="downsamplers_0"
             )(x)
             skips.append(x)
         return x, skips
@@ -85,12 +87,13 @@ class MidBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     only_cross_attention: bool = False  # never in the mid block (diffusers)
+    kernels: Kernels = DEFAULT
 
     @nn.compact
     def __call__(self, x, temb, context):
         res = dict(
             groups=self.groups, eps=self.eps, output_scale_factor=self.output_scale_factor,
-            dtype=self.dtype, param_dtype=self.param_dtype,
+            dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels,
         )  # fmt: skip
         x = ResnetBlock2D(self.channels, **res, name="resnets_0")(x, temb)
         for i in range(self.num_layers):
@@ -115,21 +118,22 @@ class UpBlock(nn.Module):
     upcast_attention: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: Kernels = DEFAULT
 
     @nn.compact
     def __call__(self, x, skips: Sequence[jax.Array], temb, context, upsample_size=None):
-        d, p = self.dtype, self.param_dtype
+        d, p, k = self.dtype, self.param_dtype, self.kernels
         skips = list(skips)
         for i in range(self.num_layers):
             x = jnp.concatenate([x, skips.pop()], axis=-1)
             x = ResnetBlock2D(
-                self.out_channels, self.groups, self.eps, dtype=d, param_dtype=p,
+                self.out_channels, self.groups, self.eps, dtype=d, param_dtype=p, kernels=k,
                 name=f"resnets_{i}",
             )(x, temb)  # fmt: skip
             if self.has_attention:
                 x = _transformer(self, name=f"attentions_{i}")(x, context)
         if self.add_upsample:
-            x = Upsample2D(self.out_channels, d, p, name="upsamplers_0")(x, upsample_size)
+            x = Upsample2D(self.out_channels, d, p, k, name="upsamplers_0")(x, upsample_size)
         return x
 
 
@@ -146,6 +150,7 @@ def _transformer(block, name: str) -> Transformer2DModel:
         upcast_attention=block.upcast_attention,
         dtype=block.dtype,
         param_dtype=block.param_dtype,
+        kernels=block.kernels,
         name=name,
     )
 
@@ -163,7 +168,7 @@ def block_classes(remat: bool):
 
 
 def make_encoder(
-    config: EncoderConfig, dtype: Dtype, param_dtype: Dtype, remat: bool = False
+    config: EncoderConfig, dtype: Dtype, param_dtype: Dtype, remat: bool, kernels: Kernels
 ) -> dict[str, nn.Module]:
     """Submodules of the encoder half, named as diffusers names them.
 
@@ -191,10 +196,11 @@ def make_encoder(
                 upcast_attention=c.upcast_attention,
                 dtype=dtype,
                 param_dtype=param_dtype,
+                kernels=kernels,
             )
         )
     return dict(
-        conv_in=conv(c.block_out_channels[0], 3, dtype, param_dtype, "conv_in"),
+        conv_in=conv(c.block_out_channels[0], 3, dtype, param_dtype, "conv_in", kernels=kernels),
         time_embedding=TimestepEmbedding(4 * c.block_out_channels[0], dtype, param_dtype),
         down_blocks=down,
         mid_block=mid_cls(
@@ -208,6 +214,7 @@ def make_encoder(
             upcast_attention=c.upcast_attention,
             dtype=dtype,
             param_dtype=param_dtype,
+            kernels=kernels,
         ),
     )
 
@@ -253,11 +260,12 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False  # recompute block activations in the backward pass
+    kernels: Kernels = DEFAULT  # attention and convolution kernels (cn_jax.kernels)
 
     def setup(self):
         c = self.config
-        d, p = self.dtype, self.param_dtype
-        enc = make_encoder(c, d, p, self.remat)
+        d, p, k = self.dtype, self.param_dtype, self.kernels
+        enc = make_encoder(c, d, p, self.remat, k)
         up_cls = block_classes(self.remat)[2]
         self.conv_in = enc["conv_in"]
         self.time_embedding = enc["time_embedding"]
@@ -283,11 +291,12 @@ class UNet(nn.Module):
                 upcast_attention=c.upcast_attention,
                 dtype=d,
                 param_dtype=p,
+                kernels=k,
             )
             for i, block_type in enumerate(c.up_block_types)
         ]
         self.conv_norm_out = group_norm(c.norm_num_groups, c.norm_eps, d, p, "conv_norm_out")
-        self.conv_out = conv(c.out_channels, 3, d, p, "conv_out")
+        self.conv_out = conv(c.out_channels, 3, d, p, "conv_out", kernels=k)
 
     def __call__(
         self,

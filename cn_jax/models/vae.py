@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cn_jax.kernels import DEFAULT, Kernels
 from cn_jax.models.config import _tuple, config_to_dict, strict_config
 from cn_jax.models.layers import (
     Downsample2D,
@@ -202,12 +203,14 @@ class MidBlock(nn.Module):
     add_attention: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: Kernels = DEFAULT
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         res = dict(
-            groups=self.groups, eps=VAE_NORM_EPS, dtype=self.dtype, param_dtype=self.param_dtype
-        )
+            groups=self.groups, eps=VAE_NORM_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernels=self.kernels,
+        )  # fmt: skip
         x = ResnetBlock2D(self.channels, **res, name="resnets_0")(x, None)
         if self.add_attention:
             x = AttentionBlock(
@@ -229,17 +232,18 @@ class DownEncoderBlock(nn.Module):
     groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: Kernels = DEFAULT
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        d, p = self.dtype, self.param_dtype
+        d, p, k = self.dtype, self.param_dtype, self.kernels
         for i in range(self.num_layers):
             x = ResnetBlock2D(
-                self.out_channels, self.groups, VAE_NORM_EPS, dtype=d, param_dtype=p,
+                self.out_channels, self.groups, VAE_NORM_EPS, dtype=d, param_dtype=p, kernels=k,
                 name=f"resnets_{i}",
             )(x, None)  # fmt: skip
         if self.add_downsample:
-            x = Downsample2D(self.out_channels, 0, d, p, name="downsamplers_0")(x)
+            x = Downsample2D(self.out_channels, 0, d, p, k, name="downsamplers_0")(x)
         return x
 
 
@@ -252,17 +256,18 @@ class UpDecoderBlock(nn.Module):
     groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: Kernels = DEFAULT
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        d, p = self.dtype, self.param_dtype
+        d, p, k = self.dtype, self.param_dtype, self.kernels
         for i in range(self.num_layers):
             x = ResnetBlock2D(
-                self.out_channels, self.groups, VAE_NORM_EPS, dtype=d, param_dtype=p,
+                self.out_channels, self.groups, VAE_NORM_EPS, dtype=d, param_dtype=p, kernels=k,
                 name=f"resnets_{i}",
             )(x, None)  # fmt: skip
         if self.add_upsample:
-            x = Upsample2D(self.out_channels, d, p, name="upsamplers_0")(x)
+            x = Upsample2D(self.out_channels, d, p, k, name="upsamplers_0")(x)
         return x
 
 
@@ -276,22 +281,25 @@ class Encoder(nn.Module):
     config: AutoencoderKLConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: Kernels = DEFAULT
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
-        c, d, p = self.config, self.dtype, self.param_dtype
+        c, d, p, k = self.config, self.dtype, self.param_dtype, self.kernels
         ch = c.block_out_channels
-        x = conv(ch[0], 3, d, p, "conv_in")(images.astype(d))
+        x = conv(ch[0], 3, d, p, "conv_in", kernels=k)(images.astype(d))
         for i in range(len(ch)):
             x = DownEncoderBlock(
-                ch[i], c.layers_per_block, i < len(ch) - 1, c.norm_num_groups, d, p,
+                ch[i], c.layers_per_block, i < len(ch) - 1, c.norm_num_groups, d, p, k,
                 name=f"down_blocks_{i}",
             )(x)  # fmt: skip
-        mid = MidBlock(ch[-1], c.norm_num_groups, c.mid_block_add_attention, d, p, name="mid_block")
+        mid = MidBlock(
+            ch[-1], c.norm_num_groups, c.mid_block_add_attention, d, p, k, name="mid_block"
+        )
         x = mid(x)
         x = group_norm(c.norm_num_groups, VAE_NORM_EPS, d, p, "conv_norm_out")(x)
         x = nn.silu(x)
-        return conv(2 * c.latent_channels, 3, d, p, "conv_out")(x)
+        return conv(2 * c.latent_channels, 3, d, p, "conv_out", kernels=k)(x)
 
 
 class Decoder(nn.Module):
@@ -304,22 +312,25 @@ class Decoder(nn.Module):
     config: AutoencoderKLConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: Kernels = DEFAULT
 
     @nn.compact
     def __call__(self, latents: jax.Array) -> jax.Array:
-        c, d, p = self.config, self.dtype, self.param_dtype
+        c, d, p, k = self.config, self.dtype, self.param_dtype, self.kernels
         rev = tuple(reversed(c.block_out_channels))
-        x = conv(rev[0], 3, d, p, "conv_in")(latents.astype(d))
-        mid = MidBlock(rev[0], c.norm_num_groups, c.mid_block_add_attention, d, p, name="mid_block")
+        x = conv(rev[0], 3, d, p, "conv_in", kernels=k)(latents.astype(d))
+        mid = MidBlock(
+            rev[0], c.norm_num_groups, c.mid_block_add_attention, d, p, k, name="mid_block"
+        )
         x = mid(x)
         for i in range(len(rev)):
             x = UpDecoderBlock(
-                rev[i], c.layers_per_block + 1, i < len(rev) - 1, c.norm_num_groups, d, p,
+                rev[i], c.layers_per_block + 1, i < len(rev) - 1, c.norm_num_groups, d, p, k,
                 name=f"up_blocks_{i}",
             )(x)  # fmt: skip
         x = group_norm(c.norm_num_groups, VAE_NORM_EPS, d, p, "conv_norm_out")(x)
         x = nn.silu(x)
-        return conv(c.out_channels, 3, d, p, "conv_out")(x)
+        return conv(c.out_channels, 3, d, p, "conv_out", kernels=k)(x)
 
 
 class AutoencoderKL(nn.Module):
@@ -343,15 +354,17 @@ class AutoencoderKL(nn.Module):
     config: AutoencoderKLConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: Kernels = DEFAULT  # convolution kernels (cn_jax.kernels); attention is XLA's
 
     def setup(self):
-        c, d, p = self.config, self.dtype, self.param_dtype
-        self.encoder = Encoder(c, d, p)
-        self.decoder = Decoder(c, d, p)
+        c, d, p, k = self.config, self.dtype, self.param_dtype, self.kernels
+        self.encoder = Encoder(c, d, p, k)
+        self.decoder = Decoder(c, d, p, k)
+        one = dict(padding=0, kernels=k)
         if c.use_quant_conv:
-            self.quant_conv = conv(2 * c.latent_channels, 1, d, p, "quant_conv", padding=0)
+            self.quant_conv = conv(2 * c.latent_channels, 1, d, p, "quant_conv", **one)
         if c.use_post_quant_conv:
-            self.post_quant_conv = conv(c.latent_channels, 1, d, p, "post_quant_conv", padding=0)
+            self.post_quant_conv = conv(c.latent_channels, 1, d, p, "post_quant_conv", **one)
 
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Posterior of `images`: diffusers' `encode(x).latent_dist` (mean, logvar).

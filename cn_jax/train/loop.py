@@ -22,10 +22,9 @@ import jax.numpy as jnp
 
 from cn_jax.config import Config, dump_config
 from cn_jax.diffusion.schedule import NoiseScheduleConfig
-from cn_jax.models.attention import set_attention_implementation
+from cn_jax.kernels import Kernels
 from cn_jax.models.config import ControlNetConfig
 from cn_jax.models.controlnet import ControlNet, init_controlnet_from_unet
-from cn_jax.models.convolution import set_conv_implementation
 from cn_jax.runtime import release_after_setup, release_host_memory
 from cn_jax.train import sharding as shd
 from cn_jax.train.checkpoint import Checkpointer
@@ -86,12 +85,16 @@ def controlnet_config(config: Config, unet_config, latent_factor: int) -> Contro
     )
 
 
+def kernels_of(config: Config) -> Kernels:
+    """The run's kernel choice (`model.attention`, `model.convolution`) settled for
+    the backend it runs on."""
+    return Kernels(config.model.attention, config.model.convolution).for_platform()
+
+
 def build(config: Config):
     """Models, the full parameter tree, and the base bundle."""
     dtype = jnp.bfloat16 if config.train.precision == "bfloat16" else jnp.float32
-    set_attention_implementation(config.model.attention)
-    set_conv_implementation(config.model.convolution)
-    sd = load_base(config, dtype)
+    sd = load_base(config, dtype).with_kernels(kernels_of(config))
     latent_factor = 1 if sd.vae is None else sd.vae.config.latent_factor
     cnet = None
     params = {"unet": sd.unet_params, "text_encoder": sd.text_encoder_params}
@@ -102,10 +105,10 @@ def build(config: Config):
             from cn_jax.weights.folders import load_controlnet
 
             cnet, cparams = load_controlnet(config.model.controlnet, dtype=dtype)
-            cnet = cnet.clone(remat=config.train.remat)
+            cnet = cnet.clone(remat=config.train.remat, kernels=sd.unet.kernels)
         else:
             ccfg = controlnet_config(config, sd.unet.config, latent_factor)
-            cnet = ControlNet(ccfg, dtype=dtype, remat=config.train.remat)
+            cnet = ControlNet(ccfg, dtype=dtype, remat=config.train.remat, kernels=sd.unet.kernels)
             cparams = init_controlnet_from_unet(
                 sd.unet_params, ccfg, jax.random.PRNGKey(config.train.seed)
             )

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from cn_jax.diffusion.noise import add_noise, sample_timesteps, training_target
+from cn_jax.kernels import Kernels
 from cn_jax.models.clip_text import CLIPTextModel
 from cn_jax.models.controlnet import ControlNet
 from cn_jax.models.unet import UNet
@@ -40,6 +41,13 @@ class StepModels:
     text_encoder: CLIPTextModel
     prediction_type: str = "epsilon"
     scaling_factor: float = 0.18215
+
+    def with_kernels(self, kernels: Kernels) -> StepModels:
+        """The same models computing with `kernels` (`cn_jax.kernels`)."""
+        nets = {"unet": self.unet, "controlnet": self.controlnet, "vae": self.vae}
+        return dataclasses.replace(
+            self, **{k: m if m is None else m.clone(kernels=kernels) for k, m in nets.items()}
+        )
 
 
 def latent_shape(models: StepModels, batch: dict) -> tuple[int, ...]:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cn_jax.diffusion.schedule import NoiseScheduleConfig
+from cn_jax.kernels import Kernels
 from cn_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, canonical_torch_state
 from cn_jax.models.clip_text import example_inputs as text_example_inputs
 from cn_jax.models.config import UNetConfig
@@ -84,6 +85,11 @@ class StableDiffusion:
     tokenizer: Any
     schedule: NoiseScheduleConfig
     source: str
+
+    def with_kernels(self, kernels: Kernels) -> StableDiffusion:
+        """The same bundle whose UNet and VAE compute with `kernels` (same params)."""
+        vae = None if self.vae is None else self.vae.clone(kernels=kernels)
+        return dataclasses.replace(self, unet=self.unet.clone(kernels=kernels), vae=vae)
 
 
 def _abstract(module, inputs) -> Any:
