@@ -262,7 +262,7 @@ class TrainBench:
             del twin
         self.memory = measure.program_memory(self.compiled)
         self.metrics: dict[str, Any] | None = None
-        # What the compiler freed (about 1 GiB at SD 1.5 shape), the lowered module,
+        # What the compiler freed, the lowered module,
         # the twin and its trace: the step is `self.compiled`, compiled ahead of time.
         release_after_setup()
 

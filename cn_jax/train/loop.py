@@ -132,8 +132,8 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
 
     After set-up it hands freed host memory back (`cn_jax.runtime.release_after_setup()`);
     it drops JAX's trace and compile caches too only in a process that opted in
-    with `cn_jax.runtime.configure_host()` (the `cn-jax` command does: the
-    weight-init programs held about 0.4 GiB of host memory at SD 1.5 shape).
+    with `cn_jax.runtime.configure_host()` (the `cn-jax` command does: nothing
+    calls the set-up's weight-init programs again).
     """
     from cn_jax.data import Loader, open_dataset
     from cn_jax.tokenizer import tokenize

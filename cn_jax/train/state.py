@@ -131,11 +131,9 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     on the scalar "norm < max_norm"; XLA's CPU backend does not fuse that
     select into the AdamW update that reads it but writes the clipped
     gradients out: one more pass over memory every step, and a second
-    gradient-sized buffer where the gradients cannot be overwritten (a
-    clipping + AdamW update alone over 361M parameters, 2 CPU cores: 0.68 s
-    and 1.44 GB of temporaries, against 0.32 s and 0.5 MB with the multiply;
-    the SD 1.5 fine-tune step at 256 px, batch 1: 8.2 -> 6.6 s). The
-    multiply fuses. Results are optax's: the gradients times
+    gradient-sized buffer where the gradients cannot be overwritten. The
+    multiply fuses (figures: docs/benchmarks.md, "The optimizer update on the
+    CPU"). Results are optax's: the gradients times
     exactly 1.0 when the norm is within `max_norm` (or zero), scaled by
     max_norm / norm (one rounding apart from optax's (t / norm) * max_norm)
     when not; a NaN or infinite norm gives NaN or zero updates as in optax. The
