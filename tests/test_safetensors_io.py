@@ -1,4 +1,5 @@
-"""Tests for cn_jax.weights.safetensors_io: our safetensors reader/writer and pickle loading."""
+"""Tests for cn_jax.weights.safetensors_io: safetensors through the library, with our errors
+and atomic writes, and pickle loading."""
 
 from __future__ import annotations
 
@@ -109,23 +110,31 @@ def test_round_trip_every_dtype(tmp_path):
             assert f.dtype(f"t_{name}") == np.dtype(dt)
             assert f.shape(f"t_{name}") == (3, 5)
         arr = f.get("t_F32")
-    # A private, writable copy that outlives the file.
-    assert arr.flags.owndata and arr.flags.writeable
+        # A private copy: no memory shared with the file or with another read of the key.
+        assert not np.shares_memory(arr, f.get("t_F32"))
+    # Writable, and it outlives the file.
+    assert arr.flags.writeable
     arr[0, 0] = 123.0
     _assert_same(read_safetensors(path, keys=["t_F32"])["t_F32"], tensors["t_F32"])
 
 
-def test_header_layout_is_sorted_padded_and_aligned(tmp_path):
+def test_header_layout_is_the_reference_one_padded_and_aligned(tmp_path):
     tensors = {"b": _sample(np.uint8, (3,)), "a": _sample(np.float64, (2,)), "c": _sample("f2")}
     path = tmp_path / "x.safetensors"
     write_safetensors(path, tensors, metadata={"format": "np"})
     raw = path.read_bytes()
+    # Byte for byte what the reference writer produces: deterministic, and any reader of
+    # reference files reads ours.
+    reference = tmp_path / "reference.safetensors"
+    safetensors.numpy.save_file(tensors, reference, metadata={"format": "np"})
+    assert raw == reference.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     assert n % 8 == 0
     text = raw[8 : 8 + n].decode()
     assert text == text.rstrip() + " " * (len(text) - len(text.rstrip()))  # Space padding.
     header = json.loads(text)
-    assert list(header) == ["__metadata__", "a", "b", "c"]
+    # Data order (decreasing item size, then name), listed in that order in the header.
+    assert list(header) == ["__metadata__", "a", "c", "b"]
     for key, value in tensors.items():
         begin, end = header[key]["data_offsets"]
         assert begin % value.dtype.itemsize == 0, key
@@ -349,6 +358,95 @@ def test_bad_metadata(tmp_path):
     _write_raw(path, {"__metadata__": {"epoch": 3}})
     with pytest.raises(WeightFileError, match="__metadata__"):
         SafetensorsFile(path)
+
+
+def _f32(begin: int, end: int) -> dict:
+    return {"dtype": "F32", "shape": [(end - begin) // 4], "data_offsets": [begin, end]}
+
+
+@pytest.mark.parametrize(
+    ("header", "size", "match"),
+    [
+        # Overlapping: y starts inside x.
+        ({"x": _f32(0, 8), "y": _f32(4, 12)}, 12, r"'y' \(bytes 4-12\) overlaps tensor 'x'"),
+        # Duplicate offsets: both tensors claim the same bytes.
+        ({"x": _f32(0, 8), "y": _f32(0, 8)}, 8, r"'y' \(bytes 0-8\) overlaps tensor 'x'"),
+        # A gap: bytes 8-12 belong to no tensor.
+        ({"x": _f32(0, 8), "y": _f32(12, 20)}, 20, r"bytes 8-12 before tensor 'y'"),
+        # Trailing bytes after the last tensor.
+        ({"x": _f32(0, 8)}, 12, r"4 bytes follow the last tensor"),
+    ],
+)
+def test_bad_layout_refused_in_one_line(tmp_path, header, size, match):
+    """The library refuses these (ours once accepted overlaps); the message names the file
+    and the tensors, on one line."""
+    path = tmp_path / "layout.safetensors"
+    _write_raw(path, header, b"\0" * size)
+    with pytest.raises(WeightFileError, match=match) as info:
+        SafetensorsFile(path)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message
+    with pytest.raises(WeightFileError, match=match):
+        read_weights(path)
+
+
+def test_unexplained_library_error_is_wrapped(valid_file, monkeypatch):
+    """Whatever the library refuses becomes a WeightFileError naming the file, even where
+    we cannot tell more than the library's own message."""
+    with open(valid_file, "r+b") as f:
+        f.truncate(valid_file.stat().st_size - 1)
+    monkeypatch.setattr(safetensors_io, "_explain", lambda path: None)
+    with pytest.raises(WeightFileError, match=r"model\.safetensors: not a valid safetensors"):
+        SafetensorsFile(valid_file)
+
+
+def test_truncated_while_open(valid_file):
+    with SafetensorsFile(valid_file) as f:
+        with open(valid_file, "r+b") as raw:
+            raw.truncate(valid_file.stat().st_size - 40)
+        with pytest.raises(WeightFileError, match=r"model\.safetensors.*'a\.weight'"):
+            f.get("a.weight")
+
+
+def test_bf16_round_trip_keeps_every_bit(tmp_path):
+    """bfloat16 comes back as ml_dtypes.bfloat16, bit for bit (signed zeros, inf, NaN,
+    subnormals), and the reference flax reader sees the same values."""
+    bits = np.array([0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0x0001, 0x3F80, 0xC2F7], np.uint16)
+    values = bits.view(ml_dtypes.bfloat16).reshape(2, 4)
+    path = tmp_path / "bf16.safetensors"
+    write_safetensors(path, {"w": values})
+    loaded = read_safetensors(path)["w"]
+    _assert_same(loaded, values)
+    import safetensors.flax
+
+    theirs = np.asarray(safetensors.flax.load_file(path)["w"])
+    assert theirs.dtype == values.dtype and theirs.tobytes() == values.tobytes()
+
+
+def test_integer_tensors_stay_integers(tmp_path):
+    """No silent casts on reading: an int tensor comes back with its own dtype, so a loader
+    expecting float weights sees the mismatch (it is the loader that refuses it)."""
+    path = tmp_path / "ints.safetensors"
+    write_safetensors(path, {"position_ids": np.arange(6, dtype=np.int64).reshape(1, 6)})
+    with SafetensorsFile(path) as f:
+        assert f.dtype("position_ids") == np.int64
+        _assert_same(f.get("position_ids"), np.arange(6, dtype=np.int64).reshape(1, 6))
+
+
+def test_config_metadata_round_trip(tmp_path):
+    """Our own metadata (a JSON config under cn_jax_config) survives a write and a read."""
+    config = json.dumps({"block_out_channels": [32, 64], "cross_attention_dim": 32})
+    path = tmp_path / "cn.safetensors"
+    write_safetensors(
+        path, {"w": np.ones(2, np.float32)}, {"format": "pt", "cn_jax_config": config}
+    )
+    with SafetensorsFile(path) as f:
+        assert f.metadata == {"format": "pt", "cn_jax_config": config}
+    write_safetensors(path, {"w": np.ones(2, np.float32)})  # None: no __metadata__ entry.
+    (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+    assert "__metadata__" not in json.loads(path.read_bytes()[8 : 8 + n])
+    with SafetensorsFile(path) as f:
+        assert f.metadata == {}
 
 
 def test_missing_key_and_closed_file(valid_file):
