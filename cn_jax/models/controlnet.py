@@ -22,7 +22,7 @@ import numpy as np
 from cn_jax.kernels import DEFAULT, Kernels
 from cn_jax.models.config import ControlNetConfig
 from cn_jax.models.layers import Dtype, conv, zero_conv
-from cn_jax.models.unet import make_encoder, time_features
+from cn_jax.models.unet import down_pass, make_encoder, time_features
 
 # Parameter groups of a ControlNet that are copies of the UNet's (same names).
 COPIED_FROM_UNET = ("conv_in", "time_embedding", "down_blocks_", "mid_block")
@@ -125,11 +125,9 @@ class ControlNet(nn.Module):
     def setup(self):
         c = self.config
         d, p, k = self.dtype, self.param_dtype, self.kernels
-        enc = make_encoder(c, d, p, self.remat, k)
-        self.conv_in = enc["conv_in"]
-        self.time_embedding = enc["time_embedding"]
-        self.down_blocks = enc["down_blocks"]
-        self.mid_block = enc["mid_block"]
+        # conv_in, time_embedding, down_blocks, mid_block: the UNet's encoder half.
+        for name, module in make_encoder(c, d, p, self.remat, k).items():
+            setattr(self, name, module)
         self.controlnet_cond_embedding = condition_encoder(c, d, p, k)
         widths = residual_channels(c)
         self.controlnet_down_blocks = [
@@ -166,10 +164,7 @@ class ControlNet(nn.Module):
         temb = self.time_embedding(time_features(c, timesteps, b, self.dtype))
 
         x = self.conv_in(sample) + self.controlnet_cond_embedding(cond)
-        skips = [x]
-        for block in self.down_blocks:
-            x, s = block(x, temb, context)
-            skips += s
+        x, skips = down_pass(self.down_blocks, x, temb, context)
         x = self.mid_block(x, temb, context)
 
         down = [zc(s) for zc, s in zip(self.controlnet_down_blocks, skips, strict=True)]

@@ -219,6 +219,16 @@ def make_encoder(
     )
 
 
+def down_pass(blocks, x: jax.Array, temb, context) -> tuple[jax.Array, list[jax.Array]]:
+    """The down blocks in turn: their output and every skip tensor, `x` (conv_in's
+    output) first, as the UNet's skip connections and the ControlNet's residuals."""
+    skips = [x]
+    for block in blocks:
+        x, s = block(x, temb, context)
+        skips += s
+    return x, skips
+
+
 def time_features(config: EncoderConfig, timesteps: jax.Array, batch: int, dtype) -> jax.Array:
     """Sinusoidal features of `timesteps` broadcast to the batch, in the compute dtype."""
     t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
@@ -265,12 +275,10 @@ class UNet(nn.Module):
     def setup(self):
         c = self.config
         d, p, k = self.dtype, self.param_dtype, self.kernels
-        enc = make_encoder(c, d, p, self.remat, k)
+        # conv_in, time_embedding, down_blocks, mid_block: the ControlNet's too.
+        for name, module in make_encoder(c, d, p, self.remat, k).items():
+            setattr(self, name, module)
         up_cls = block_classes(self.remat)[2]
-        self.conv_in = enc["conv_in"]
-        self.time_embedding = enc["time_embedding"]
-        self.down_blocks = enc["down_blocks"]
-        self.mid_block = enc["mid_block"]
         rev_channels = tuple(reversed(c.block_out_channels))
         rev_heads = tuple(reversed(c.heads_per_block))
         rev_layers = tuple(reversed(c.transformer_layers))
@@ -314,10 +322,7 @@ class UNet(nn.Module):
         temb = self.time_embedding(time_features(c, timesteps, sample.shape[0], self.dtype))
 
         x = self.conv_in(sample)
-        skips = [x]
-        for block in self.down_blocks:
-            x, s = block(x, temb, context)
-            skips += s
+        x, skips = down_pass(self.down_blocks, x, temb, context)
 
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):

@@ -219,8 +219,10 @@ class MidBlock(nn.Module):
         return ResnetBlock2D(self.channels, **res, name="resnets_1")(x, None)
 
 
-class DownEncoderBlock(nn.Module):
-    """diffusers `DownEncoderBlock2D`: resnets, then an optional stride-2 conv.
+class CoderBlock(nn.Module):
+    """diffusers `DownEncoderBlock2D` (`resample="down"`) and `UpDecoderBlock2D`
+    (`resample="up"`): resnets without time conditioning or skip inputs, then an
+    optional resampler (`None`: the last block of either).
 
     The VAE's downsampler pads only right and bottom (diffusers'
     `downsample_padding=0` -> F.pad(0, 1, 0, 1)), unlike the UNet's symmetric pad.
@@ -228,7 +230,7 @@ class DownEncoderBlock(nn.Module):
 
     out_channels: int
     num_layers: int
-    add_downsample: bool
+    resample: str | None  # "down", "up" or None
     groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -242,31 +244,9 @@ class DownEncoderBlock(nn.Module):
                 self.out_channels, self.groups, VAE_NORM_EPS, dtype=d, param_dtype=p, kernels=k,
                 name=f"resnets_{i}",
             )(x, None)  # fmt: skip
-        if self.add_downsample:
+        if self.resample == "down":
             x = Downsample2D(self.out_channels, 0, d, p, k, name="downsamplers_0")(x)
-        return x
-
-
-class UpDecoderBlock(nn.Module):
-    """diffusers `UpDecoderBlock2D`: resnets (no skip inputs), then an optional x2 upsampler."""
-
-    out_channels: int
-    num_layers: int
-    add_upsample: bool
-    groups: int = 32
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    kernels: Kernels = DEFAULT
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        d, p, k = self.dtype, self.param_dtype, self.kernels
-        for i in range(self.num_layers):
-            x = ResnetBlock2D(
-                self.out_channels, self.groups, VAE_NORM_EPS, dtype=d, param_dtype=p, kernels=k,
-                name=f"resnets_{i}",
-            )(x, None)  # fmt: skip
-        if self.add_upsample:
+        elif self.resample == "up":
             x = Upsample2D(self.out_channels, d, p, k, name="upsamplers_0")(x)
         return x
 
@@ -289,9 +269,9 @@ class Encoder(nn.Module):
         ch = c.block_out_channels
         x = conv(ch[0], 3, d, p, "conv_in", kernels=k)(images.astype(d))
         for i in range(len(ch)):
-            x = DownEncoderBlock(
-                ch[i], c.layers_per_block, i < len(ch) - 1, c.norm_num_groups, d, p, k,
-                name=f"down_blocks_{i}",
+            x = CoderBlock(
+                ch[i], c.layers_per_block, "down" if i < len(ch) - 1 else None,
+                c.norm_num_groups, d, p, k, name=f"down_blocks_{i}",
             )(x)  # fmt: skip
         mid = MidBlock(
             ch[-1], c.norm_num_groups, c.mid_block_add_attention, d, p, k, name="mid_block"
@@ -324,9 +304,9 @@ class Decoder(nn.Module):
         )
         x = mid(x)
         for i in range(len(rev)):
-            x = UpDecoderBlock(
-                rev[i], c.layers_per_block + 1, i < len(rev) - 1, c.norm_num_groups, d, p, k,
-                name=f"up_blocks_{i}",
+            x = CoderBlock(
+                rev[i], c.layers_per_block + 1, "up" if i < len(rev) - 1 else None,
+                c.norm_num_groups, d, p, k, name=f"up_blocks_{i}",
             )(x)  # fmt: skip
         x = group_norm(c.norm_num_groups, VAE_NORM_EPS, d, p, "conv_norm_out")(x)
         x = nn.silu(x)
