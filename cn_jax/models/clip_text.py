@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from cn_jax.models.config import strict_config
 from cn_jax.models.layers import Dtype
+from cn_jax.models.presets import preset
 
 HIDDEN_ACTS = ("quick_gelu", "gelu")
 # transformers >= 5 saves and names CLIPTextModel weights without the
@@ -127,21 +128,13 @@ class CLIPTextConfig:
 
     @classmethod
     def sd15(cls) -> CLIPTextConfig:
-        """SD 1.x `text_encoder/config.json` (OpenAI CLIP ViT-L/14)."""
-        return cls(
-            hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
-            num_attention_heads=12, hidden_act="quick_gelu", pad_token_id=1, bos_token_id=0,
-            eos_token_id=2,
-        )  # fmt: skip
+        """SD 1.x `text_encoder/config.json` (OpenAI CLIP ViT-L/14; `presets.py`)."""
+        return cls.from_dict(preset("sd15")["text_encoder"], "preset sd15")
 
     @classmethod
     def sd2(cls) -> CLIPTextConfig:
         """SD 2.x `text_encoder/config.json` (OpenCLIP ViT-H, its last layer dropped)."""
-        return cls(
-            hidden_size=1024, intermediate_size=4096, projection_dim=512, num_hidden_layers=23,
-            num_attention_heads=16, hidden_act="gelu", pad_token_id=1, bos_token_id=0,
-            eos_token_id=2,
-        )  # fmt: skip
+        return cls.from_dict(preset("sd21")["text_encoder"], "preset sd21")
 
     # -- (de)serialisation ---------------------------------------------------
     @classmethod
