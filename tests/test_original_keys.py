@@ -14,15 +14,17 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from diffusers import ControlNetModel  # noqa: E402
+from diffusers import ControlNetModel, UNet2DConditionModel  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint  # noqa: E402
 
+from cn_jax.models.presets import preset  # noqa: E402
 from cn_jax.weights.original import (  # noqa: E402
     ORIGINAL_PREFIX,
     controlnet_key_map,
     diffusers_to_original,
     original_to_diffusers,
 )
+from cn_jax.weights.original_sd import UNET_PREFIX, unet_sources, unet_to_original  # noqa: E402
 
 _BASE = dict(
     norm_num_groups=8,
@@ -31,6 +33,9 @@ _BASE = dict(
     # which needs four conditioning channel entries.
     conditioning_embedding_out_channels=(8, 8, 16, 16),
 )
+
+# The UNet's encoder half, which a ControlNet copies.
+ENCODER_MODULES = ("time_embedding", "conv_in", "down_blocks", "mid_block")
 
 # Small configurations covering the layout's degrees of freedom.
 CONFIGS: dict[str, dict] = {
@@ -161,6 +166,36 @@ def test_key_map_matches_known_sd15_names() -> None:
     assert {k: key_map[k] for k in expected} == expected
     assert "down_blocks.3.downsamplers.0.conv.weight" not in key_map  # last block: none
     assert max(int(k.split(".")[1]) for k in key_map.values() if k.startswith("zero_convs")) == 11
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21"])
+def test_encoder_names_are_the_unet_maps(name: str) -> None:
+    """The ControlNet map is the UNet map on the encoder half: every ControlNet parameter that
+    the UNet has too is named as the UNet map names it, under `control_model.`, both ways; the
+    other parameters are the ControlNet's own `controlnet_*` modules."""
+    config = preset(name)["unet"]
+    lpb = config["layers_per_block"]
+    with torch.device("meta"):  # names only: no memory for SD-sized weights
+        unet = UNet2DConditionModel(**config)
+        controlnet = ControlNetModel.from_unet(unet)
+    unet_keys = list(unet.state_dict())
+    unet_names = {d: o for o, d in unet_to_original(dict(zip(unet_keys, unet_keys)), lpb).items()}
+    keys = list(controlnet.state_dict())
+    encoder = [k for k in keys if k in unet_names]
+    own = [k for k in keys if k not in unet_names]
+    assert own == [k for k in keys if k.startswith("controlnet_")]
+    assert {k.split(".")[0] for k in encoder} == set(ENCODER_MODULES)
+
+    # Writing.
+    by_original = {unet_names[k].replace(UNET_PREFIX, ORIGINAL_PREFIX, 1): k for k in encoder}
+    original = diffusers_to_original(dict(zip(keys, keys)), lpb)
+    assert {o: d for o, d in original.items() if d in unet_names} == by_original
+    # Reading, by the ControlNet's map and by the UNet's load plan.
+    assert original_to_diffusers(by_original, lpb) == dict(zip(encoder, encoder))
+    plan = unet_sources([unet_names[k] for k in encoder], lpb)
+    assert {o.replace(UNET_PREFIX, ORIGINAL_PREFIX, 1): d for d, (o, _) in plan.items()} == (
+        by_original
+    )
 
 
 @pytest.mark.parametrize(("channels", "conv_out_index"), [((8, 16), 6), ((8,), 2)])

@@ -30,7 +30,9 @@ for `L = layers_per_block`:
 `<resnet>` -> `<ResBlock>` is `norm1 -> in_layers.0`, `conv1 -> in_layers.2`,
 `time_emb_proj -> emb_layers.1`, `norm2 -> out_layers.0`, `conv2 -> out_layers.3`,
 `conv_shortcut -> skip_connection`, and the transformer internals (`norm`, `proj_in`,
-`transformer_blocks.k.*`, `proj_out`) are named alike in both layouts.
+`transformer_blocks.k.*`, `proj_out`) are named alike in both layouts. A ControlNet is a copy of
+the encoder half, and its map (`original.py`) names it with this one (`unet_original_name`,
+`unet_diffusers_name`), as diffusers' ControlNet conversion is its UNet conversion.
 
 **VAE.** With `N` up blocks, diffusers' `decoder.up_blocks.i` is LDM's `decoder.up.{N - 1 - i}`
 (LDM numbers the decoder from the highest resolution, diffusers from the lowest):
@@ -83,6 +85,10 @@ All facts were checked against diffusers' converters (`convert_ldm_unet_checkpoi
 `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`, `convert_open_clip_checkpoint` in
 `diffusers.loaders.single_file_utils`), which the tests use as the reference.
 
+Every name is a module path and a `weight` / `bias` leaf; the module is renamed by a table of
+fixed names or by a small parser of the rest, one for each direction (`_rename`). Each
+direction's parser is checked against the other's on the very keys read.
+
 Loading is planned lazily: the `*_sources` functions look at key names only and return
 `{diffusers_key: (original_key, transform or None)}`, so a loader can read, transform and place
 one tensor at a time; `apply_sources` is the eager version. Writing (`*_to_original`) is eager,
@@ -91,7 +97,7 @@ numpy in and numpy out.
 
 import functools
 from collections.abc import Callable, Iterable, Mapping
-from typing import Literal, TypeVar
+from typing import Literal, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -99,6 +105,9 @@ T = TypeVar("T")
 
 # (original key, transform applied to that tensor or None).
 Source = tuple[str, Callable[[np.ndarray], np.ndarray] | None]
+
+# Renames one name (a whole key or a module path); None if it has no place in the other layout.
+_Rename = Callable[[str], str | None]
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -121,96 +130,129 @@ _MAX_KEYS_IN_ERROR = 20
 # Tables
 # ---------------------------------------------------------------------------------------------
 
-# UNet modules whose names do not depend on the configuration (diffusers -> original).
-_UNET_FIXED: dict[str, str] = {
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "conv_in": "input_blocks.0.0",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
-_UNET_FIXED_INV = {v: k for k, v in _UNET_FIXED.items()}
+
+class _Renames(NamedTuple):
+    """A one-to-one rename table, read either way."""
+
+    to_original: Mapping[str, str]  # diffusers -> original
+    to_diffusers: Mapping[str, str]  # original -> diffusers
+
+
+def _renames(to_original: dict[str, str]) -> _Renames:
+    to_diffusers = {v: k for k, v in to_original.items()}
+    if len(to_diffusers) != len(to_original):
+        raise ValueError(f"rename table is not one-to-one: {to_original}")
+    return _Renames(to_original, to_diffusers)
+
+
+# UNet modules whose names do not depend on the configuration.
+_UNET_FIXED = _renames(
+    {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+    }
+)
 
 # diffusers `ResnetBlock2D` sub-module -> LDM `ResBlock` sub-module. The LDM names index into
 # `nn.Sequential`s: in_layers = (norm, SiLU, conv), emb_layers = (SiLU, linear),
 # out_layers = (norm, SiLU, dropout, conv).
-_UNET_RESNET: dict[str, str] = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-_UNET_RESNET_INV = {v: k for k, v in _UNET_RESNET.items()}
+_UNET_RESNET = _renames(
+    {
+        "norm1": "in_layers.0",
+        "conv1": "in_layers.2",
+        "time_emb_proj": "emb_layers.1",
+        "norm2": "out_layers.0",
+        "conv2": "out_layers.3",
+        "conv_shortcut": "skip_connection",
+    }
+)
 
 # Top-level children of diffusers' `Transformer2DModel` and LDM's `SpatialTransformer`; they
 # share every name below this level, so attention keys are re-rooted, never renamed.
 _TRANSFORMER_CHILDREN = frozenset({"norm", "proj_in", "transformer_blocks", "proj_out"})
 
-# Slots inside one LDM `TimestepEmbedSequential` (`input_blocks.n`, `output_blocks.m`).
+# Slots inside one LDM `TimestepEmbedSequential` (`input_blocks.n`, `output_blocks.m`,
+# `middle_block`, whose second resnet is slot 2).
 _RESBLOCK_SLOT = "0"
 _ATTENTION_SLOT = "1"
 
-# VAE modules named independently of the configuration (diffusers -> original).
-_VAE_FIXED: dict[str, str] = {
-    "encoder.conv_in": "encoder.conv_in",
-    "encoder.conv_norm_out": "encoder.norm_out",
-    "encoder.conv_out": "encoder.conv_out",
-    "decoder.conv_in": "decoder.conv_in",
-    "decoder.conv_norm_out": "decoder.norm_out",
-    "decoder.conv_out": "decoder.conv_out",
-    "quant_conv": "quant_conv",
-    "post_quant_conv": "post_quant_conv",
-}
-_VAE_FIXED_INV = {v: k for k, v in _VAE_FIXED.items()}
+# diffusers' block lists -> LDM's lists of `TimestepEmbedSequential` entries, and the entry of
+# block 0's layer 0 (`input_blocks.0` is `conv_in`).
+_UNET_BLOCKS = _renames({"down_blocks": "input_blocks", "up_blocks": "output_blocks"})
+_UNET_FIRST_ENTRY = {"down_blocks": 1, "up_blocks": 0}
+
+# VAE modules named independently of the configuration.
+_VAE_FIXED = _renames(
+    {
+        "encoder.conv_in": "encoder.conv_in",
+        "encoder.conv_norm_out": "encoder.norm_out",
+        "encoder.conv_out": "encoder.conv_out",
+        "decoder.conv_in": "decoder.conv_in",
+        "decoder.conv_norm_out": "decoder.norm_out",
+        "decoder.conv_out": "decoder.conv_out",
+        "quant_conv": "quant_conv",
+        "post_quant_conv": "post_quant_conv",
+    }
+)
 
 # diffusers VAE `ResnetBlock2D` (no time embedding) -> LDM `ResnetBlock`.
-_VAE_RESNET: dict[str, str] = {
-    "norm1": "norm1",
-    "conv1": "conv1",
-    "norm2": "norm2",
-    "conv2": "conv2",
-    "conv_shortcut": "nin_shortcut",
-}
-_VAE_RESNET_INV = {v: k for k, v in _VAE_RESNET.items()}
+_VAE_RESNET = _renames(
+    {
+        "norm1": "norm1",
+        "conv1": "conv1",
+        "norm2": "norm2",
+        "conv2": "conv2",
+        "conv_shortcut": "nin_shortcut",
+    }
+)
 
 # diffusers mid-block `Attention` -> LDM `AttnBlock`.
-_VAE_ATTENTION: dict[str, str] = {
-    "group_norm": "norm",
-    "to_q": "q",
-    "to_k": "k",
-    "to_v": "v",
-    "to_out.0": "proj_out",
-}
-_VAE_ATTENTION_INV = {v: k for k, v in _VAE_ATTENTION.items()}
+_VAE_ATTENTION = _renames(
+    {
+        "group_norm": "norm",
+        "to_q": "q",
+        "to_k": "k",
+        "to_v": "v",
+        "to_out.0": "proj_out",
+    }
+)
 # Their weights are 1x1 convs in LDM and linear layers in diffusers.
 _VAE_PROJECTIONS = frozenset({"to_q", "to_k", "to_v", "to_out.0"})
 
-# VAE decoder sides and their mid block (diffusers `mid_block.resnets.i` -> LDM `mid.block_{i+1}`).
-_VAE_SIDES = ("encoder", "decoder")
-_VAE_MID_RESNETS = 2
+# Per side: diffusers' block list and resampler, then LDM's
+# (`encoder.down_blocks.i.downsamplers.0` is `encoder.down.i.downsample`).
+_VAE_BLOCKS = {
+    "encoder": ("down_blocks", "downsamplers", "down", "downsample"),
+    "decoder": ("up_blocks", "upsamplers", "up", "upsample"),
+}
+# Each side's mid block: diffusers `mid_block.resnets.i` is LDM `mid.block_{i+1}`.
+_VAE_MID_RESNETS = _renames({"0": "block_1", "1": "block_2"})
 
 # Text encoder names independent of the layer (transformers below `text_model.` -> OpenCLIP
 # below `model.`).
-_CLIP_FIXED: dict[str, str] = {
-    "embeddings.token_embedding.weight": "token_embedding.weight",
-    "embeddings.position_embedding.weight": "positional_embedding",
-    "final_layer_norm.weight": "ln_final.weight",
-    "final_layer_norm.bias": "ln_final.bias",
-}
-_CLIP_FIXED_INV = {v: k for k, v in _CLIP_FIXED.items()}
+_CLIP_FIXED = _renames(
+    {
+        "embeddings.token_embedding.weight": "token_embedding.weight",
+        "embeddings.position_embedding.weight": "positional_embedding",
+        "final_layer_norm.weight": "ln_final.weight",
+        "final_layer_norm.bias": "ln_final.bias",
+    }
+)
 
 # One transformer layer: transformers `encoder.layers.N.<module>` -> OpenCLIP
 # `transformer.resblocks.N.<module>`.
-_CLIP_LAYER: dict[str, str] = {
-    "layer_norm1": "ln_1",
-    "self_attn.out_proj": "attn.out_proj",
-    "layer_norm2": "ln_2",
-    "mlp.fc1": "mlp.c_fc",
-    "mlp.fc2": "mlp.c_proj",
-}
-_CLIP_LAYER_INV = {v: k for k, v in _CLIP_LAYER.items()}
+_CLIP_LAYER = _renames(
+    {
+        "layer_norm1": "ln_1",
+        "self_attn.out_proj": "attn.out_proj",
+        "layer_norm2": "ln_2",
+        "mlp.fc1": "mlp.c_fc",
+        "mlp.fc2": "mlp.c_proj",
+    }
+)
 
 # q, k and v, in the order OpenCLIP stacks them along axis 0 of `attn.in_proj_{weight,bias}`.
 _CLIP_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -252,7 +294,7 @@ _SD2_CLIP_IGNORED = frozenset({"text_projection", "logit_scale", "attn_mask"})
 
 
 # ---------------------------------------------------------------------------------------------
-# Small helpers
+# Renaming rules shared by every component (and by the ControlNet map, `original.py`)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -297,6 +339,22 @@ def _under(keys: Iterable[str], prefix: str) -> dict[str, str]:
     return {key: key[len(prefix) :] for key in keys if key.startswith(prefix)}
 
 
+def _strip_shared_prefix(names: Mapping[str, str], prefix: str, what: str) -> dict[str, str]:
+    """`{key: name without prefix}` if every name has `prefix`, `names` as they are if none has.
+
+    Raises:
+      ValueError: if only some have it (the keys of the others are named).
+    """
+    with_prefix = [name.startswith(prefix) for name in names.values()]
+    if any(with_prefix) and not all(with_prefix):
+        bare = [key for key, w in zip(names, with_prefix, strict=True) if not w]
+        raise ValueError(
+            f"{what} keys mix {prefix!r}-prefixed and bare names; bare: {_format_keys(bare)}"
+        )
+    strip = len(prefix) if any(with_prefix) else 0
+    return {key: name[strip:] for key, name in names.items()}
+
+
 def _max_index(names: Iterable[str], *head: str) -> int:
     """1 + the largest `i` in names starting with `head + (i,)`; 0 if there is none."""
     depth = len(head)
@@ -310,10 +368,41 @@ def _max_index(names: Iterable[str], *head: str) -> int:
     return max(found) + 1
 
 
-def _check_agreement(plan: Mapping[str, tuple[str, object]], forward: Mapping, what: str) -> None:
-    """The two directions are separate parsers; insist they agree on this very key set so that
-    a round trip can never change a name."""
-    disagree = [plan[d][0] for d in plan if forward.get(d) != plan[d]]
+def _rename(
+    name: str, fixed: Mapping[str, str], module: Callable[[list[str]], str | None]
+) -> str | None:
+    """The one rule behind every UNet, VAE and ControlNet name, in either direction.
+
+    A parameter name is a module path and a leaf, `weight` or `bias`, which is kept. The module
+    is renamed by a table of fixed names or, failing that, by `module` on its dotted parts.
+    Returns None if either has no place for it.
+    """
+    path, _, leaf = name.rpartition(".")
+    if leaf not in _LEAVES:
+        return None
+    renamed = fixed[path] if path in fixed else module(path.split("."))
+    return None if renamed is None else f"{renamed}.{leaf}"
+
+
+def _rename_all(names: Mapping[str, str], rename: _Rename, what: str) -> dict[str, str]:
+    """`{key: rename(name)}` for `{key: name}`.
+
+    Raises:
+      ValueError: naming every key that `rename` has no place for, or any keys that land on one
+        name.
+    """
+    renamed = {key: rename(name) for key, name in names.items()}
+    unmapped = [key for key, new in renamed.items() if new is None]
+    if unmapped:
+        raise _unmapped_error(unmapped, what)
+    _check_unique(renamed, what)
+    return renamed
+
+
+def _check_agreement(read: Mapping[str, str], to_original: _Rename, what: str) -> None:
+    """Reading and writing are separate parsers; insist that every `{diffusers: original}` name
+    read writes back to the name it was read from, so that a round trip never changes a name."""
+    disagree = [original for name, original in read.items() if to_original(name) != original]
     if disagree:
         raise ValueError(f"ambiguous {what} keys: {_format_keys(disagree)}")
 
@@ -355,15 +444,39 @@ _THIRDS = tuple(functools.partial(third, part=part) for part in range(3))
 # ---------------------------------------------------------------------------------------------
 
 
-def _input_block(block: int, layer: int, lpb: int) -> int:
-    """`n` of `input_blocks.n` for layer `layer` of down block `block`; entry 0 is `conv_in`
-    and `layer == lpb` is the block's downsampler."""
-    return 1 + block * (lpb + 1) + layer
+def _unet_layers(blocks: str, lpb: int) -> int:
+    """Resnet (+ transformer) layers of each of diffusers' `blocks`: a down block has `lpb`, then
+    its downsampler's entry; an up block has `lpb + 1`, the last one also holding the upsampler."""
+    return lpb if blocks == "down_blocks" else lpb + 1
 
 
-def _output_block(block: int, layer: int, lpb: int) -> int:
-    """`m` of `output_blocks.m` for layer `layer` (0..lpb) of up block `block`."""
-    return block * (lpb + 1) + layer
+def _unet_entry(blocks: str, block: int, layer: int, lpb: int) -> str:
+    """LDM entry (`input_blocks.n` / `output_blocks.m`) of layer `layer` of `blocks.block`; every
+    block spans `lpb + 1` entries (the last down block has no downsampler, but the numbering
+    does not depend on that)."""
+    n = _UNET_FIRST_ENTRY[blocks] + block * (lpb + 1) + layer
+    return f"{_UNET_BLOCKS.to_original[blocks]}.{n}"
+
+
+def _unet_layer_to_original(entry: str, kind: str, rest: list[str]) -> str | None:
+    """A resnet (`kind` "resnets", slot 0) or transformer ("attentions", slot 1) in `entry`."""
+    sub = ".".join(rest)
+    if kind == "resnets" and sub in _UNET_RESNET.to_original:
+        return f"{entry}.{_RESBLOCK_SLOT}.{_UNET_RESNET.to_original[sub]}"
+    if kind == "attentions" and rest and rest[0] in _TRANSFORMER_CHILDREN:
+        return f"{entry}.{_ATTENTION_SLOT}.{sub}"
+    return None
+
+
+def _unet_layer_to_diffusers(head: str, layer: int, slot: str, rest: list[str]) -> str | None:
+    """The inverse: a resnet (slot 0) or transformer (slot 1) as layer `layer` of `head`
+    (`down_blocks.b`, `mid_block`, `up_blocks.b`)."""
+    sub = ".".join(rest)
+    if slot == _RESBLOCK_SLOT and sub in _UNET_RESNET.to_diffusers:
+        return f"{head}.resnets.{layer}.{_UNET_RESNET.to_diffusers[sub]}"
+    if slot == _ATTENTION_SLOT and rest and rest[0] in _TRANSFORMER_CHILDREN:
+        return f"{head}.attentions.{layer}.{sub}"
+    return None
 
 
 def _unet_module_to_original(
@@ -371,72 +484,52 @@ def _unet_module_to_original(
 ) -> str | None:
     """Original module path of a diffusers UNet module path (split on dots), or None."""
     match parts:
-        case ["down_blocks", b, "resnets", l_, sub] if (
-            _index(b) is not None and _index(l_) is not None and _index(l_) < lpb
-        ) and sub in _UNET_RESNET:
-            n = _input_block(int(b), int(l_), lpb)
-            return f"input_blocks.{n}.{_RESBLOCK_SLOT}.{_UNET_RESNET[sub]}"
-        case ["down_blocks", b, "attentions", l_, child, *rest] if (
-            _index(b) is not None and _index(l_) is not None and _index(l_) < lpb
-        ) and child in _TRANSFORMER_CHILDREN:
-            n = _input_block(int(b), int(l_), lpb)
-            return ".".join(["input_blocks", str(n), _ATTENTION_SLOT, child, *rest])
+        case [blocks, b, ("resnets" | "attentions") as kind, l_, *rest] if (
+            blocks in _UNET_FIRST_ENTRY
+            and _index(b) is not None
+            and _index(l_) is not None
+            and int(l_) < _unet_layers(blocks, lpb)
+        ):
+            return _unet_layer_to_original(_unet_entry(blocks, int(b), int(l_), lpb), kind, rest)
         case ["down_blocks", b, "downsamplers", "0", "conv"] if _index(b) is not None:
-            return f"input_blocks.{_input_block(int(b), lpb, lpb)}.{_RESBLOCK_SLOT}.op"
-        case ["mid_block", "resnets", i, sub] if i in ("0", "1") and sub in _UNET_RESNET:
-            # The second resnet sits after the transformer (slot 1).
-            return f"middle_block.{2 * int(i)}.{_UNET_RESNET[sub]}"
-        case ["mid_block", "attentions", "0", child, *rest] if child in _TRANSFORMER_CHILDREN:
-            return ".".join(["middle_block", _ATTENTION_SLOT, child, *rest])
-        case ["up_blocks", b, "resnets", l_, sub] if (
-            _index(b) is not None and _index(l_) is not None and _index(l_) <= lpb
-        ) and sub in _UNET_RESNET:
-            m = _output_block(int(b), int(l_), lpb)
-            return f"output_blocks.{m}.{_RESBLOCK_SLOT}.{_UNET_RESNET[sub]}"
-        case ["up_blocks", b, "attentions", l_, child, *rest] if (
-            _index(b) is not None and _index(l_) is not None and _index(l_) <= lpb
-        ) and child in _TRANSFORMER_CHILDREN:
-            m = _output_block(int(b), int(l_), lpb)
-            return ".".join(["output_blocks", str(m), _ATTENTION_SLOT, child, *rest])
+            return f"{_unet_entry('down_blocks', int(b), lpb, lpb)}.{_RESBLOCK_SLOT}.op"
         case ["up_blocks", b, "upsamplers", "0", "conv"] if _index(b) is not None:
             # The upsampler follows the last layer's resnet, and its transformer if any.
             slot = 2 if int(b) in up_attention else 1
-            return f"output_blocks.{_output_block(int(b), lpb, lpb)}.{slot}.conv"
-    return None
-
-
-def _unet_slot_to_diffusers(
-    blocks: str, block: int, layer: int, slot: str, rest: list[str]
-) -> str | None:
-    """A resnet (slot 0) or transformer (slot 1) inside `input_blocks.n` / `output_blocks.m`."""
-    sub = ".".join(rest)
-    if slot == _RESBLOCK_SLOT and sub in _UNET_RESNET_INV:
-        return f"{blocks}.{block}.resnets.{layer}.{_UNET_RESNET_INV[sub]}"
-    if slot == _ATTENTION_SLOT and rest and rest[0] in _TRANSFORMER_CHILDREN:
-        return f"{blocks}.{block}.attentions.{layer}.{sub}"
+            return f"{_unet_entry('up_blocks', int(b), lpb, lpb)}.{slot}.conv"
+        case ["mid_block", "resnets", ("0" | "1") as i, sub] if sub in _UNET_RESNET.to_original:
+            # The second resnet sits after the transformer (slot 1).
+            return f"middle_block.{2 * int(i)}.{_UNET_RESNET.to_original[sub]}"
+        case ["mid_block", "attentions", "0", *rest]:
+            return _unet_layer_to_original("middle_block", "attentions", rest)
     return None
 
 
 def _unet_module_to_diffusers(parts: list[str], lpb: int) -> str | None:
     """diffusers module path of an original UNet module path (split on dots), or None."""
     match parts:
-        case ["input_blocks", n, slot, *rest] if _index(n) is not None and int(n) > 0:
-            block, layer = divmod(int(n) - 1, lpb + 1)
-            if layer == lpb:  # the block's last entry is its downsampler, nothing else
-                if slot == _RESBLOCK_SLOT and rest == ["op"]:
-                    return f"down_blocks.{block}.downsamplers.0.conv"
+        case [("input_blocks" | "output_blocks") as entries, n, slot, *rest] if (
+            _index(n) is not None
+        ):
+            blocks = _UNET_BLOCKS.to_diffusers[entries]
+            if int(n) < _UNET_FIRST_ENTRY[blocks]:
                 return None
-            return _unet_slot_to_diffusers("down_blocks", block, layer, slot, rest)
-        case ["middle_block", ("0" | "2") as k, *rest] if ".".join(rest) in _UNET_RESNET_INV:
-            return f"mid_block.resnets.{int(k) // 2}.{_UNET_RESNET_INV['.'.join(rest)]}"
-        case ["middle_block", "1", child, *rest] if child in _TRANSFORMER_CHILDREN:
-            return ".".join(["mid_block", "attentions", "0", child, *rest])
-        case ["output_blocks", m, slot, "conv"] if _index(m) is not None and slot in ("1", "2"):
-            block, layer = divmod(int(m), lpb + 1)
-            return f"up_blocks.{block}.upsamplers.0.conv" if layer == lpb else None
-        case ["output_blocks", m, slot, *rest] if _index(m) is not None:
-            block, layer = divmod(int(m), lpb + 1)
-            return _unet_slot_to_diffusers("up_blocks", block, layer, slot, rest)
+            block, layer = divmod(int(n) - _UNET_FIRST_ENTRY[blocks], lpb + 1)
+            head = f"{blocks}.{block}"
+            if layer == lpb and blocks == "down_blocks":
+                # A down block's last entry is its downsampler, nothing else.
+                ok = slot == _RESBLOCK_SLOT and rest == ["op"]
+                return f"{head}.downsamplers.0.conv" if ok else None
+            if layer == lpb and slot in ("1", "2") and rest == ["conv"]:
+                return f"{head}.upsamplers.0.conv"
+            return _unet_layer_to_diffusers(head, layer, slot, rest)
+        case ["middle_block", ("0" | "2") as k, *rest] if (
+            ".".join(rest) in _UNET_RESNET.to_diffusers
+        ):
+            sub = _UNET_RESNET.to_diffusers[".".join(rest)]
+            return f"mid_block.resnets.{int(k) // 2}.{sub}"
+        case ["middle_block", "1", *rest]:
+            return _unet_layer_to_diffusers("mid_block", 0, _ATTENTION_SLOT, rest)
     return None
 
 
@@ -448,21 +541,56 @@ def _up_blocks_with_attention(diffusers_names: Iterable[str]) -> frozenset[int]:
     )
 
 
-def _unet_key_map(diffusers_names: Iterable[str], lpb: int) -> dict[str, str | None]:
-    """`{diffusers name: original name without prefix, or None if it has no place}`."""
-    names = list(diffusers_names)
-    up_attention = _up_blocks_with_attention(names)
-    result: dict[str, str | None] = {}
-    for name in names:
-        module, _, leaf = name.rpartition(".")
-        if leaf not in _LEAVES:
-            result[name] = None
-        elif module in _UNET_FIXED:
-            result[name] = f"{_UNET_FIXED[module]}.{leaf}"
-        else:
-            original = _unet_module_to_original(module.split("."), lpb, up_attention)
-            result[name] = None if original is None else f"{original}.{leaf}"
-    return result
+def unet_original_name(
+    name: str, layers_per_block: int, up_blocks_with_attention: frozenset[int] = frozenset()
+) -> str | None:
+    """Original (LDM) name, without prefix, of one diffusers UNet parameter name.
+
+    The ControlNet map (`original.py`) names its copy of the UNet's encoder half with this too.
+
+    Args:
+      name: e.g. `down_blocks.0.resnets.1.conv1.weight`.
+      layers_per_block: `UNet2DConditionModel.config.layers_per_block`.
+      up_blocks_with_attention: indices of the up blocks that have transformers, after which
+        their upsamplers sit (slot 2 instead of 1).
+
+    Returns:
+      e.g. `input_blocks.2.0.in_layers.2.weight`; None if the name has no place in the layout.
+    """
+    to_original = functools.partial(
+        _unet_module_to_original, lpb=layers_per_block, up_attention=up_blocks_with_attention
+    )
+    return _rename(name, _UNET_FIXED.to_original, to_original)
+
+
+def unet_diffusers_name(name: str, layers_per_block: int) -> str | None:
+    """The inverse of `unet_original_name`: the diffusers name of one original UNet name
+    (without prefix), or None if it has no place in diffusers' layout."""
+    to_diffusers = functools.partial(_unet_module_to_diffusers, lpb=layers_per_block)
+    return _rename(name, _UNET_FIXED.to_diffusers, to_diffusers)
+
+
+def _unet_to_original_for(diffusers_names: Iterable[str], lpb: int) -> _Rename:
+    """`unet_original_name` for the UNet that has these parameter names."""
+    return functools.partial(
+        unet_original_name,
+        layers_per_block=lpb,
+        up_blocks_with_attention=_up_blocks_with_attention(diffusers_names),
+    )
+
+
+def _check_resnets_per_block(diffusers_names: Iterable[str], lpb: int) -> None:
+    """The maps reject resnet indices past `lpb`; a state whose blocks stop short of it was made
+    with a smaller `layers_per_block`, which would otherwise renumber silently."""
+    parsed = [name.split(".") for name in diffusers_names]
+    for blocks in _UNET_BLOCKS.to_original:
+        per_block = {int(p[3]) for p in parsed if p[0] == blocks and p[2] == "resnets"}
+        expected = _unet_layers(blocks, lpb)
+        if per_block and max(per_block) + 1 != expected:
+            raise ValueError(
+                f"layers_per_block={lpb} but the {blocks} have "
+                f"{max(per_block) + 1} resnet(s) each (expected {expected})"
+            )
 
 
 def unet_sources(
@@ -488,32 +616,12 @@ def unet_sources(
     names = _under(original_keys, prefix)
     if not names:
         raise ValueError(f"no UNet keys under {prefix!r}")
-    plan: dict[str, Source] = {}
-    unmapped = []
-    for key, name in names.items():
-        module, _, leaf = name.rpartition(".")
-        if leaf not in _LEAVES:
-            unmapped.append(key)
-            continue
-        if module in _UNET_FIXED_INV:
-            diffusers_module = _UNET_FIXED_INV[module]
-        else:
-            diffusers_module = _unet_module_to_diffusers(module.split("."), layers_per_block)
-        if diffusers_module is None:
-            unmapped.append(key)
-            continue
-        target = f"{diffusers_module}.{leaf}"
-        if target in plan:
-            raise ValueError(f"original UNet keys {plan[target][0]!r} and {key!r} -> {target!r}")
-        plan[target] = (key, None)
-    if unmapped:
-        raise _unmapped_error(unmapped, f"original UNet (layers_per_block={layers_per_block})")
-    forward = {
-        d: (None if o is None else (prefix + o, None))
-        for d, o in _unet_key_map(plan, layers_per_block).items()
-    }
-    _check_agreement(plan, forward, "original UNet")
-    return plan
+    what = f"original UNet (layers_per_block={layers_per_block})"
+    to_diffusers = functools.partial(unet_diffusers_name, layers_per_block=layers_per_block)
+    targets = _rename_all(names, to_diffusers, what)
+    to_original = _unet_to_original_for(targets.values(), layers_per_block)
+    _check_agreement({t: names[k] for k, t in targets.items()}, to_original, what)
+    return {target: (key, None) for key, target in targets.items()}
 
 
 def unet_to_original(
@@ -534,27 +642,10 @@ def unet_to_original(
         ...), or `layers_per_block` disagrees with the resnets present.
     """
     _check_positive_int(layers_per_block, "layers_per_block")
-    key_map = _unet_key_map(state.keys(), layers_per_block)
-    unmapped = [k for k, v in key_map.items() if v is None]
-    if unmapped:
-        raise _unmapped_error(unmapped, f"diffusers UNet (layers_per_block={layers_per_block})")
-    _check_unique(key_map, "diffusers UNet")
-    # The maps reject resnet indices past layers_per_block; a state whose blocks stop short of
-    # it was made with a smaller value (down blocks hold L resnets, up blocks L + 1).
-    for blocks, expected in (
-        ("down_blocks", layers_per_block),
-        ("up_blocks", layers_per_block + 1),
-    ):
-        per_block = {
-            int(parts[3])
-            for parts in (key.split(".") for key in key_map)
-            if parts[0] == blocks and parts[2] == "resnets"
-        }
-        if per_block and max(per_block) + 1 != expected:
-            raise ValueError(
-                f"layers_per_block={layers_per_block} but the {blocks} have "
-                f"{max(per_block) + 1} resnet(s) each (expected {expected})"
-            )
+    to_original = _unet_to_original_for(state, layers_per_block)
+    what = f"diffusers UNet (layers_per_block={layers_per_block})"
+    key_map = _rename_all({key: key for key in state}, to_original, what)
+    _check_resnets_per_block(key_map, layers_per_block)
     return {prefix + key_map[key]: value for key, value in state.items()}
 
 
@@ -563,81 +654,82 @@ def unet_to_original(
 # ---------------------------------------------------------------------------------------------
 
 
+def _vae_block(side: str, i: str, num_up: int) -> int | None:
+    """Block `i` of `side` in the other layout, the same map either way (None if out of range):
+    the encoder keeps its numbering; the decoder's is reversed, LDM counting from the highest
+    resolution and diffusers from the lowest."""
+    if _index(i) is None:
+        return None
+    if side == "encoder":
+        return int(i)
+    return num_up - 1 - int(i) if int(i) < num_up else None
+
+
 def _vae_module_to_original(parts: list[str], num_up: int) -> str | None:
     """Original module path of a diffusers VAE module path (split on dots), or None."""
-    match parts:
-        case ["encoder", "down_blocks", i, "resnets", j, sub] if (
-            _index(i) is not None and _index(j) is not None and sub in _VAE_RESNET
+    side, *rest = parts
+    if side not in _VAE_BLOCKS:
+        return None
+    blocks, sampler, ldm_blocks, ldm_sampler = _VAE_BLOCKS[side]
+    match rest:
+        case [b, i, "resnets", j, sub] if (
+            b == blocks and _index(j) is not None and sub in _VAE_RESNET.to_original
+        ) and (k := _vae_block(side, i, num_up)) is not None:
+            return f"{side}.{ldm_blocks}.{k}.block.{j}.{_VAE_RESNET.to_original[sub]}"
+        case [b, i, s, "0", "conv"] if (b, s) == (blocks, sampler) and (
+            k := _vae_block(side, i, num_up)
+        ) is not None:
+            return f"{side}.{ldm_blocks}.{k}.{ldm_sampler}.conv"
+        case ["mid_block", "resnets", i, sub] if (
+            i in _VAE_MID_RESNETS.to_original and sub in _VAE_RESNET.to_original
         ):
-            return f"encoder.down.{i}.block.{j}.{_VAE_RESNET[sub]}"
-        case ["encoder", "down_blocks", i, "downsamplers", "0", "conv"] if _index(i) is not None:
-            return f"encoder.down.{i}.downsample.conv"
-        case ["decoder", "up_blocks", i, "resnets", j, sub] if (
-            _index(i) is not None and int(i) < num_up and _index(j) is not None
-        ) and sub in _VAE_RESNET:
-            return f"decoder.up.{num_up - 1 - int(i)}.block.{j}.{_VAE_RESNET[sub]}"
-        case ["decoder", "up_blocks", i, "upsamplers", "0", "conv"] if (
-            _index(i) is not None and int(i) < num_up
-        ):
-            return f"decoder.up.{num_up - 1 - int(i)}.upsample.conv"
-        case [side, "mid_block", "resnets", i, sub] if (
-            side in _VAE_SIDES and _index(i) is not None and int(i) < _VAE_MID_RESNETS
-        ) and sub in _VAE_RESNET:
-            return f"{side}.mid.block_{int(i) + 1}.{_VAE_RESNET[sub]}"
-        case [side, "mid_block", "attentions", "0", *sub] if (
-            side in _VAE_SIDES and ".".join(sub) in _VAE_ATTENTION
-        ):
-            return f"{side}.mid.attn_1.{_VAE_ATTENTION['.'.join(sub)]}"
+            block = _VAE_MID_RESNETS.to_original[i]
+            return f"{side}.mid.{block}.{_VAE_RESNET.to_original[sub]}"
+        case ["mid_block", "attentions", "0", *sub] if ".".join(sub) in _VAE_ATTENTION.to_original:
+            return f"{side}.mid.attn_1.{_VAE_ATTENTION.to_original['.'.join(sub)]}"
     return None
 
 
 def _vae_module_to_diffusers(parts: list[str], num_up: int) -> str | None:
     """diffusers module path of an original VAE module path (split on dots), or None."""
-    match parts:
-        case ["encoder", "down", i, "block", j, sub] if (
-            _index(i) is not None and _index(j) is not None and sub in _VAE_RESNET_INV
+    side, *rest = parts
+    if side not in _VAE_BLOCKS:
+        return None
+    blocks, sampler, ldm_blocks, ldm_sampler = _VAE_BLOCKS[side]
+    match rest:
+        case [b, i, "block", j, sub] if (
+            b == ldm_blocks and _index(j) is not None and sub in _VAE_RESNET.to_diffusers
+        ) and (k := _vae_block(side, i, num_up)) is not None:
+            return f"{side}.{blocks}.{k}.resnets.{j}.{_VAE_RESNET.to_diffusers[sub]}"
+        case [b, i, s, "conv"] if (b, s) == (ldm_blocks, ldm_sampler) and (
+            k := _vae_block(side, i, num_up)
+        ) is not None:
+            return f"{side}.{blocks}.{k}.{sampler}.0.conv"
+        case ["mid", block, sub] if (
+            block in _VAE_MID_RESNETS.to_diffusers and sub in _VAE_RESNET.to_diffusers
         ):
-            return f"encoder.down_blocks.{i}.resnets.{j}.{_VAE_RESNET_INV[sub]}"
-        case ["encoder", "down", i, "downsample", "conv"] if _index(i) is not None:
-            return f"encoder.down_blocks.{i}.downsamplers.0.conv"
-        case ["decoder", "up", i, "block", j, sub] if (
-            _index(i) is not None and int(i) < num_up and _index(j) is not None
-        ) and sub in _VAE_RESNET_INV:
-            return f"decoder.up_blocks.{num_up - 1 - int(i)}.resnets.{j}.{_VAE_RESNET_INV[sub]}"
-        case ["decoder", "up", i, "upsample", "conv"] if _index(i) is not None and int(i) < num_up:
-            return f"decoder.up_blocks.{num_up - 1 - int(i)}.upsamplers.0.conv"
-        case [side, "mid", block, sub] if (
-            side in _VAE_SIDES
-            and block in {f"block_{i + 1}" for i in range(_VAE_MID_RESNETS)}
-            and sub in _VAE_RESNET_INV
-        ):
-            i = int(block.removeprefix("block_")) - 1
-            return f"{side}.mid_block.resnets.{i}.{_VAE_RESNET_INV[sub]}"
-        case [side, "mid", "attn_1", sub] if side in _VAE_SIDES and sub in _VAE_ATTENTION_INV:
-            return f"{side}.mid_block.attentions.0.{_VAE_ATTENTION_INV[sub]}"
+            i = _VAE_MID_RESNETS.to_diffusers[block]
+            return f"{side}.mid_block.resnets.{i}.{_VAE_RESNET.to_diffusers[sub]}"
+        case ["mid", "attn_1", sub] if sub in _VAE_ATTENTION.to_diffusers:
+            return f"{side}.mid_block.attentions.0.{_VAE_ATTENTION.to_diffusers[sub]}"
     return None
+
+
+def _vae_original_name(name: str, num_up: int) -> str | None:
+    to_original = functools.partial(_vae_module_to_original, num_up=num_up)
+    return _rename(name, _VAE_FIXED.to_original, to_original)
+
+
+def _vae_diffusers_name(name: str, num_up: int) -> str | None:
+    to_diffusers = functools.partial(_vae_module_to_diffusers, num_up=num_up)
+    return _rename(name, _VAE_FIXED.to_diffusers, to_diffusers)
 
 
 def _is_vae_projection_weight(diffusers_name: str) -> bool:
     """Whether a diffusers VAE key is a linear attention projection (a 1x1 conv in LDM)."""
     module, _, leaf = diffusers_name.rpartition(".")
     head, _, sub = module.partition(".mid_block.attentions.0.")
-    return leaf == "weight" and head in _VAE_SIDES and sub in _VAE_PROJECTIONS
-
-
-def _vae_key_map(diffusers_names: Iterable[str], num_up: int) -> dict[str, str | None]:
-    """`{diffusers name: original name without prefix, or None if it has no place}`."""
-    result: dict[str, str | None] = {}
-    for name in diffusers_names:
-        module, _, leaf = name.rpartition(".")
-        if leaf not in _LEAVES:
-            result[name] = None
-        elif module in _VAE_FIXED:
-            result[name] = f"{_VAE_FIXED[module]}.{leaf}"
-        else:
-            original = _vae_module_to_original(module.split("."), num_up)
-            result[name] = None if original is None else f"{original}.{leaf}"
-    return result
+    return leaf == "weight" and head in _VAE_BLOCKS and sub in _VAE_PROJECTIONS
 
 
 def vae_sources(
@@ -666,32 +758,14 @@ def vae_sources(
         num_blocks = _max_index(names.values(), "decoder", "up")
     else:
         _check_positive_int(num_blocks, "num_blocks")
-    plan: dict[str, Source] = {}
-    unmapped = []
-    for key, name in names.items():
-        module, _, leaf = name.rpartition(".")
-        if leaf not in _LEAVES:
-            unmapped.append(key)
-            continue
-        if module in _VAE_FIXED_INV:
-            diffusers_module = _VAE_FIXED_INV[module]
-        else:
-            diffusers_module = _vae_module_to_diffusers(module.split("."), num_blocks)
-        if diffusers_module is None:
-            unmapped.append(key)
-            continue
-        target = f"{diffusers_module}.{leaf}"
-        if target in plan:
-            raise ValueError(f"original VAE keys {plan[target][0]!r} and {key!r} -> {target!r}")
-        plan[target] = (key, conv1x1_to_linear if _is_vae_projection_weight(target) else None)
-    if unmapped:
-        raise _unmapped_error(unmapped, f"original VAE ({num_blocks} up blocks)")
-    forward = {
-        d: (None if o is None else (prefix + o, plan[d][1]))
-        for d, o in _vae_key_map(plan, num_blocks).items()
+    what = f"original VAE ({num_blocks} up blocks)"
+    targets = _rename_all(names, functools.partial(_vae_diffusers_name, num_up=num_blocks), what)
+    to_original = functools.partial(_vae_original_name, num_up=num_blocks)
+    _check_agreement({t: names[k] for k, t in targets.items()}, to_original, what)
+    return {
+        target: (key, conv1x1_to_linear if _is_vae_projection_weight(target) else None)
+        for key, target in targets.items()
     }
-    _check_agreement(plan, forward, "original VAE")
-    return plan
 
 
 def vae_to_original(
@@ -710,12 +784,10 @@ def vae_to_original(
     Raises:
       ValueError: if a key has no place in the original layout (all such keys are named).
     """
-    num_up = _max_index(state.keys(), "decoder", "up_blocks")
-    key_map = _vae_key_map(state.keys(), num_up)
-    unmapped = [k for k, v in key_map.items() if v is None]
-    if unmapped:
-        raise _unmapped_error(unmapped, "diffusers VAE")
-    _check_unique(key_map, "diffusers VAE")
+    to_original = functools.partial(
+        _vae_original_name, num_up=_max_index(state.keys(), "decoder", "up_blocks")
+    )
+    key_map = _rename_all({key: key for key in state}, to_original, "diffusers VAE")
     return {
         prefix + key_map[key]: linear_to_conv1x1(value) if _is_vae_projection_weight(key) else value
         for key, value in state.items()
@@ -732,7 +804,7 @@ def _clip_layer(name: str) -> tuple[int, str, str] | None:
     match name.split("."):
         case ["encoder", "layers", n, *module, leaf] if _index(n) is not None and leaf in _LEAVES:
             sub = ".".join(module)
-            if sub in _CLIP_LAYER or sub in _CLIP_QKV:
+            if sub in _CLIP_LAYER.to_original or sub in _CLIP_QKV:
                 return int(n), sub, leaf
     return None
 
@@ -740,22 +812,22 @@ def _clip_layer(name: str) -> tuple[int, str, str] | None:
 def _clip_to_open_clip(name: str) -> tuple[str, int | None] | None:
     """`(OpenCLIP name below "model.", q/k/v part or None)` of a transformers name (below
     `text_model.`), or None if it has no place."""
-    if name in _CLIP_FIXED:
-        return _CLIP_FIXED[name], None
+    if name in _CLIP_FIXED.to_original:
+        return _CLIP_FIXED.to_original[name], None
     layer = _clip_layer(name)
     if layer is None:
         return None
     n, sub, leaf = layer
     if sub in _CLIP_QKV:
         return f"transformer.resblocks.{n}.{_OPEN_CLIP_IN_PROJ}_{leaf}", _CLIP_QKV.index(sub)
-    return f"transformer.resblocks.{n}.{_CLIP_LAYER[sub]}.{leaf}", None
+    return f"transformer.resblocks.{n}.{_CLIP_LAYER.to_original[sub]}.{leaf}", None
 
 
 def _open_clip_to_clip(name: str) -> tuple[int | None, list[tuple[str, int | None]]] | None:
     """`(layer or None, [(transformers name below text_model., part or None), ...])` of an
     OpenCLIP name (below `model.`); None if it has no place."""
-    if name in _CLIP_FIXED_INV:
-        return None, [(_CLIP_FIXED_INV[name], None)]
+    if name in _CLIP_FIXED.to_diffusers:
+        return None, [(_CLIP_FIXED.to_diffusers[name], None)]
     match name.split("."):
         case ["transformer", "resblocks", n, "attn", ("in_proj_weight" | "in_proj_bias") as p] if (
             _index(n) is not None
@@ -765,16 +837,17 @@ def _open_clip_to_clip(name: str) -> tuple[int | None, list[tuple[str, int | Non
                 (f"encoder.layers.{n}.{sub}.{leaf}", i) for i, sub in enumerate(_CLIP_QKV)
             ]
         case ["transformer", "resblocks", n, *module, leaf] if (
-            _index(n) is not None and leaf in _LEAVES and ".".join(module) in _CLIP_LAYER_INV
+            _index(n) is not None
+            and leaf in _LEAVES
+            and ".".join(module) in _CLIP_LAYER.to_diffusers
         ):
-            return int(n), [
-                (f"encoder.layers.{n}.{_CLIP_LAYER_INV['.'.join(module)]}.{leaf}", None)
-            ]
+            sub = _CLIP_LAYER.to_diffusers[".".join(module)]
+            return int(n), [(f"encoder.layers.{n}.{sub}.{leaf}", None)]
     return None
 
 
 def _is_sd1_clip_name(name: str) -> bool:
-    return name in _CLIP_FIXED or _clip_layer(name) is not None
+    return name in _CLIP_FIXED.to_original or _clip_layer(name) is not None
 
 
 def clip_kind(original_keys: Iterable[str], prefix: str = CLIP_PREFIX) -> ClipKind | None:
@@ -794,18 +867,6 @@ def clip_kind(original_keys: Iterable[str], prefix: str = CLIP_PREFIX) -> ClipKi
             f"({prefix + SD2_CLIP_ROOT!r}) text encoder in one file"
         )
     return "sd1" if sd1 else "sd2" if sd2 else None
-
-
-def _sd1_root(names: Mapping[str, str], prefix: str) -> str:
-    """`"text_model."` if the SD 1.x keys carry it (all of them must), else `""`."""
-    with_level = [name.startswith(TEXT_MODEL_PREFIX) for name in names.values()]
-    if any(with_level) and not all(with_level):
-        bare = [k for k, w in zip(names, with_level) if not w]
-        raise ValueError(
-            f"SD 1.x text encoder keys mix {prefix + SD1_CLIP_ROOT + TEXT_MODEL_PREFIX!r} and "
-            f"bare names; bare: {_format_keys(bare)}"
-        )
-    return TEXT_MODEL_PREFIX if with_level and all(with_level) else ""
 
 
 def clip_sources(
@@ -850,15 +911,15 @@ def clip_sources(
 
     if kind == "sd1":
         root = prefix + SD1_CLIP_ROOT
-        names = _under(keys, root)
-        level = _sd1_root(names, prefix)
+        # Very old files lack the `text_model.` level.
+        what = f"SD 1.x text encoder (below {root!r})"
+        names = _strip_shared_prefix(_under(keys, root), TEXT_MODEL_PREFIX, what)
         limit = (
             num_layers
             if num_layers is not None
-            else _max_index((n[len(level) :] for n in names.values()), "encoder", "layers")
+            else _max_index(names.values(), "encoder", "layers")
         )
         for key, name in names.items():
-            name = name[len(level) :]
             if name in _SD1_CLIP_IGNORED:
                 continue
             if not _is_sd1_clip_name(name):
@@ -924,15 +985,7 @@ def clip_to_original(
     """
     if kind not in ("sd1", "sd2"):
         raise ValueError(f"kind must be 'sd1' or 'sd2', got {kind!r}")
-    with_level = [key.startswith(TEXT_MODEL_PREFIX) for key in state]
-    if any(with_level) and not all(with_level):
-        bare = [k for k, w in zip(state, with_level) if not w]
-        raise ValueError(
-            f"text encoder keys mix {TEXT_MODEL_PREFIX!r}-prefixed and bare names; "
-            f"bare: {_format_keys(bare)}"
-        )
-    strip = len(TEXT_MODEL_PREFIX) if with_level and all(with_level) else 0
-    names = {key: key[strip:] for key in state}
+    names = _strip_shared_prefix({key: key for key in state}, TEXT_MODEL_PREFIX, "text encoder")
 
     if kind == "sd1":
         unmapped = [key for key, name in names.items() if not _is_sd1_clip_name(name)]
