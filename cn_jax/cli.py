@@ -153,15 +153,14 @@ def _sample(args: argparse.Namespace) -> int:
     ):
         options["seed"] = args.seed + row  # each row its own noise, shared by its columns
         out = pipe(prompt, cond, **options)
-        if base is None:
-            rows.append(out)
-            continue
-        size = out[0].size
-        condition = cond if not isinstance(cond, list) else cond[0]
-        rows.append([_as_pil(condition, size), *base(prompt, None, **options, height=size[1],
-                     width=size[0]), *out])  # fmt: skip
+        if base is not None:
+            size = out[0].size
+            condition = cond if not isinstance(cond, list) else cond[0]
+            alone = base(prompt, None, **options, height=size[1], width=size[0])
+            out = [_as_pil(condition, size), *alone, *out]
+        rows.append(out)
     t2 = time.perf_counter()
-    _save_rows(rows, args.out)
+    _save_rows(rows, [prompt for prompt, _ in jobs], args)
     n = sum(len(r) for r in rows)
     print(
         f"[3/3] wrote {args.out} ({len(rows)} row(s), {n} image(s)); load {t1 - t0:.1f}s, "
@@ -191,16 +190,24 @@ def _as_pil(image, size):
     return image.convert("RGB").resize(size)
 
 
-def _save_rows(rows: list, path: str) -> None:
-    """One PNG: a grid with one row per job (`validation.grid`: 2 px white gaps)."""
+def _save_rows(rows: list, prompts: list[str], args: argparse.Namespace) -> None:
+    """One PNG, a row per prompt. A figure (--compare-base or --dataset) is
+    labelled (columns, prompts) with small images scaled up; the images of one
+    --prompt are tiled as they are."""
     from pathlib import Path
 
-    import numpy as np
+    from cn_jax.grid import labelled_grid
 
-    from cn_jax.train.validation import grid
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    grid([[np.asarray(im.convert("RGB")) for im in row] for row in rows]).save(path)
+    columns = None
+    if args.compare_base:
+        k = args.num_images
+        columns = ["condition", *["base alone"] * k, *["with the ControlNet"] * k]
+    if args.compare_base or args.dataset is not None:
+        grid = labelled_grid(rows, columns, prompts)
+    else:
+        grid = labelled_grid(rows, min_cell=0)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(args.out)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -304,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--rows", type=int, default=8, help="dataset rows to sample (--dataset)")
     sm.add_argument(
         "--compare-base", action="store_true",
-        help="rows of condition | base alone | with the ControlNet (same noise)",
+        help="rows of condition | base alone | with the ControlNet (same noise), labelled",
     )  # fmt: skip
     sm.add_argument("--negative-prompt", default=None)
     sm.add_argument("--steps", type=int, default=20)

@@ -1,9 +1,13 @@
 """`ControlNetPipeline`: frozen Stable Diffusion + one or more ControlNets -> images.
 
-Text encoding, the whole denoising loop (`lax.scan`) and the VAE decode are one
-jitted program, compiled once per (shapes, sampler, steps, options) and reused:
-a second call with the same shapes does not recompile. The batch is split over
-all local devices when it divides evenly (the training mesh code).
+A call runs in steps: `prepare` checks and converts the inputs on the host
+(conditions, token ids, sampler, guidance windows, initial noise) into a `Job`;
+one jitted program then runs `encode` (text), `denoise` (the loop,
+`cn_jax.diffusion.guidance.denoise`) and `decode` (VAE), compiled once per
+(shapes, sampler, options) and reused: a second call with the same shapes does
+not recompile. The batch is split over all local devices when it divides
+evenly (the training mesh code). `cn-jax bench sample` times the same three
+steps as separate programs.
 
 Semantics follow diffusers' `StableDiffusionControlNetPipeline`: classifier-free
 guidance with [negative; positive] in one batch, `controlnet_conditioning_scale`
@@ -13,10 +17,11 @@ sees only the conditional half) and several ControlNets summed.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -24,10 +29,48 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cn_jax.diffusion.guidance import guess_mode_scales
+from cn_jax.diffusion.guidance import (
+    Control,
+    control_keep,
+    decode_latents,
+    denoise,
+    encode_prompts,
+)
 from cn_jax.diffusion.samplers import make_sampler
 from cn_jax.models.controlnet import ControlNet
 from cn_jax.train import sharding as shd
+
+_OPTIONS = ("cfg", "guess_mode")  # a Job's static fields: they pick the program
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["ids", "neg_ids", "conds", "scales", "keep", "guidance_scale", "latents",
+                 "sampler", "rng"],
+    meta_fields=list(_OPTIONS),
+)  # fmt: skip
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One call's inputs, ready for the generation program (`ControlNetPipeline.prepare`).
+
+    A pytree: the arrays and the sampler are traced, `cfg` and `guess_mode` are
+    static (they choose the program)."""
+
+    ids: jax.Array  # (B, L) token ids of the prompts
+    neg_ids: jax.Array  # (B, L) of the negative prompts
+    conds: list[jax.Array]  # per ControlNet: (B, H, W, C) in [0, 1]
+    scales: jax.Array  # (nets,) conditioning scales
+    keep: jax.Array  # (nets, steps): 1 where a ControlNet acts (its guidance window)
+    guidance_scale: jax.Array  # () CFG weight
+    latents: jax.Array  # (B, h, w, C) initial noise, times the sampler's init_noise_sigma
+    sampler: Any
+    rng: jax.Array  # for stochastic samplers
+    cfg: bool  # classifier-free guidance (guidance_scale > 1)
+    guess_mode: str | None  # None, or the kind of guess-mode scales
+
+    @property
+    def batch(self) -> int:
+        return int(self.ids.shape[0])
 
 
 class ControlNetPipeline:
@@ -53,6 +96,7 @@ class ControlNetPipeline:
             "controlnets": [p for _, p in controlnets],
         }
         self.latent_factor = 1 if self.vae is None else self.vae.config.latent_factor
+        self.scaling_factor = 1.0 if self.vae is None else self.vae.config.scaling_factor
         for c in self.controlnets:
             if c.config.latent_factor != self.latent_factor:
                 raise ValueError(
@@ -85,7 +129,150 @@ class ControlNetPipeline:
         nets = [load_controlnet(p, allow_pickle=allow_pickle) for p in paths]
         return cls(sd, nets, dtype=dtype)
 
+    # -- a call: prepare, run the program, convert ----------------------------------
+    def __call__(self, prompt: str | Sequence[str], image: Any = None, *,
+                 output_type: str = "pil", **options):  # fmt: skip
+        """Generate images (see the module docstring for the semantics).
+
+        Args:
+          prompt, image, **options: as `prepare` takes them.
+          output_type: "pil" (list of PIL images) or "np" (NHWC float in [0, 1]).
+
+        Returns:
+          A list of PIL images or an NHWC numpy array.
+        """
+        if output_type not in ("pil", "np"):
+            raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        out = self.run(self.prepare(prompt, image, **options))
+        if output_type == "np":
+            return out
+        u8 = np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
+        return [Image.fromarray(x.squeeze(-1) if x.shape[-1] == 1 else x) for x in u8]
+
+    def prepare(
+        self,
+        prompt: str | Sequence[str],
+        image: Any = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 7.5,
+        controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+        guess_mode: bool = False,
+        control_guidance_start: float | Sequence[float] = 0.0,
+        control_guidance_end: float | Sequence[float] = 1.0,
+        scheduler: str = "ddim",
+        seed: int = 0,
+        latents: np.ndarray | None = None,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        guess_mode_scales_kind: str = "diffusers",
+    ) -> Job:
+        """Check one call's inputs and turn them into the program's `Job`.
+
+        Args:
+          prompt: a string or a list of strings.
+          image: the control image (PIL, array in [0, 1] or uint8, or a path),
+            or a list with one per ControlNet; None for a pipeline without
+            ControlNets (the base model alone, at the UNet's sample size unless
+            height/width are given).
+          latents: NHWC initial noise (B * num_images_per_prompt, h, w, C),
+            scaled by the sampler's `init_noise_sigma` as diffusers does.
+          guess_mode_scales_kind: per-resolution scales in guess mode:
+            "diffusers" (logspace(-1, 0, 13)), "original" (0.825 ** (12 - i)),
+            or "paper" (64 / h_i at the block's spatial size).
+        """
+        n_nets = len(self.controlnets)
+        prompts, negatives = _prompt_lists(prompt, negative_prompt)
+        images = self._control_images(image)
+        h, w = self._output_size(images, height, width)
+        batch = len(prompts) * num_images_per_prompt
+        conds = [self._condition(img, i, (h, w)) for i, img in enumerate(images)]
+        sampler = make_sampler(scheduler, self.sd.schedule, num_inference_steps)
+        starts = _per_net(control_guidance_start, n_nets, "control_guidance_start")
+        ends = _per_net(control_guidance_end, n_nets, "control_guidance_end")
+        keep = [control_keep(s, e, len(sampler)) for s, e in zip(starts, ends)]
+        scales = _per_net(controlnet_conditioning_scale, n_nets, "controlnet_conditioning_scale")
+        noise = self._initial_noise(latents, seed, (batch, h, w))
+        return Job(
+            ids=jnp.asarray(self._token_ids(prompts, num_images_per_prompt)),
+            neg_ids=jnp.asarray(self._token_ids(negatives, num_images_per_prompt)),
+            conds=[jnp.asarray(np.broadcast_to(c, (batch, *c.shape)).copy()) for c in conds],
+            scales=jnp.asarray(scales, jnp.float32),
+            keep=jnp.asarray(np.reshape(keep, (n_nets, len(sampler)))),
+            guidance_scale=jnp.float32(guidance_scale),
+            latents=jnp.asarray(noise, jnp.float32) * sampler.init_noise_sigma,
+            sampler=sampler,
+            rng=jax.random.PRNGKey(seed + 1),
+            cfg=guidance_scale > 1.0,
+            guess_mode=guess_mode_scales_kind if guess_mode else None,
+        )
+
+    def run(self, job: Job) -> np.ndarray:
+        """The generation program on a prepared job -> NHWC float32 images in [0, 1]."""
+        return np.asarray(self._program(job)(self.params, job), np.float32)
+
+    # -- the program's three steps (pure; `cn-jax bench sample` times each) ---------
+    def encode(self, params, job: Job) -> tuple[jax.Array, jax.Array | None]:
+        """Text: (context, unconditional context; None without CFG)."""
+        neg_ids = job.neg_ids if job.cfg else None
+        return encode_prompts(self.text_encoder, params["text_encoder"], job.ids, neg_ids)
+
+    def denoise(self, params, job: Job, context, uncond_context) -> jax.Array:
+        """The denoising loop (`guidance.denoise`) with the job's ControlNets -> latents."""
+        nets = zip(self.controlnets, params["controlnets"], job.conds)
+        controls = [
+            Control(n, p, c, job.scales[k], job.keep[k]) for k, (n, p, c) in enumerate(nets)
+        ]
+        return denoise(
+            self.unet, params["unet"], controls, context, uncond_context, job.latents,
+            job.sampler, job.guidance_scale, job.rng, job.guess_mode,
+        )  # fmt: skip
+
+    def decode(self, params, latents: jax.Array) -> jax.Array:
+        """Latents -> NHWC float32 images in [0, 1]."""
+        x = decode_latents(self.vae, params["vae"], latents, self.scaling_factor)
+        return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+    def _program(self, job: Job):
+        """The jitted generation program for the job's options and batch (cached)."""
+        key = (*(getattr(job, f) for f in _OPTIONS), job.batch)
+        if key in self._compiled:
+            return self._compiled[key]
+
+        def generate(params, job):
+            self.trace_count += 1  # runs at trace time only
+            context, uncond_context = self.encode(params, job)
+            return self.decode(params, self.denoise(params, job, context, uncond_context))
+
+        n_dev = len(jax.local_devices())
+        if n_dev > 1 and job.batch % n_dev == 0 and jax.process_count() == 1:
+            mesh = shd.make_mesh(1, jax.local_devices())
+            self.sharded_batches.add(job.batch)
+            bs, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
+            per_row = dict(ids=bs, neg_ids=bs, conds=[bs] * len(job.conds), latents=bs)
+            shared = dict(scales=rep, keep=rep, guidance_scale=rep, sampler=rep, rng=rep)
+            job_shardings = dataclasses.replace(job, **per_row, **shared)
+            fn = jax.jit(generate, in_shardings=(rep, job_shardings), out_shardings=bs)
+        else:
+            fn = jax.jit(generate)
+        self._compiled[key] = fn
+        return fn
+
     # -- inputs ---------------------------------------------------------------------
+    def _control_images(self, image) -> list:
+        """One control image per ControlNet (none for the base alone)."""
+        n_nets = len(self.controlnets)
+        if n_nets == 0 and image is None:
+            images = []
+        elif isinstance(image, list | tuple) and n_nets > 1:
+            images = list(image)
+        else:
+            images = [image]
+        if len(images) != n_nets:
+            raise ValueError(f"{len(images)} control images for {n_nets} ControlNets")
+        return images
+
     def _condition(self, image, index: int, size: tuple[int, int] | None) -> np.ndarray:
         """One control image -> float32 (H, W, C) in [0, 1] at `size` (H, W)."""
         channels = self.controlnets[index].config.conditioning_channels
@@ -116,77 +303,9 @@ class ControlNetPipeline:
             arr = arr[..., None] if arr.ndim == 2 else arr
         return arr
 
-    def _size(self, first_hw: tuple[int, int], height, width) -> tuple[int, int]:
-        m = max(8, self.latent_factor)  # diffusers: a multiple of 8
-        h, w = height or first_hw[0], width or first_hw[1]
-        h2, w2 = h - h % m, w - w % m
-        if (h2, w2) != (h, w):
-            warnings.warn(
-                f"output size {h}x{w} is not a multiple of {m}; using {h2}x{w2}", stacklevel=3
-            )
-        return h2, w2
-
-    # -- generation -----------------------------------------------------------------
-    def __call__(
-        self,
-        prompt: str | Sequence[str],
-        image: Any = None,
-        negative_prompt: str | Sequence[str] | None = None,
-        num_inference_steps: int = 20,
-        guidance_scale: float = 7.5,
-        controlnet_conditioning_scale: float | Sequence[float] = 1.0,
-        guess_mode: bool = False,
-        control_guidance_start: float | Sequence[float] = 0.0,
-        control_guidance_end: float | Sequence[float] = 1.0,
-        scheduler: str = "ddim",
-        seed: int = 0,
-        latents: np.ndarray | None = None,
-        output_type: str = "pil",
-        num_images_per_prompt: int = 1,
-        height: int | None = None,
-        width: int | None = None,
-        guess_mode_scales_kind: str = "diffusers",
-    ):
-        """Generate images (see the module docstring for the semantics).
-
-        Args:
-          prompt: a string or a list of strings.
-          image: the control image (PIL, array in [0, 1] or uint8, or a path),
-            or a list with one per ControlNet; None for a pipeline without
-            ControlNets (the base model alone, at the UNet's sample size unless
-            height/width are given).
-          latents: NHWC initial noise (B * num_images_per_prompt, h, w, C),
-            scaled by the sampler's `init_noise_sigma` as diffusers does.
-          output_type: "pil" (list of PIL images) or "np" (NHWC float in [0, 1]).
-          guess_mode_scales_kind: per-resolution scales in guess mode:
-            "diffusers" (logspace(-1, 0, 13)), "original" (0.825 ** (12 - i)),
-            or "paper" (64 / h_i at the block's spatial size).
-
-        Returns:
-          A list of PIL images or an NHWC numpy array.
-        """
-        n_nets = len(self.controlnets)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if negative_prompt is None:
-            negatives = [""] * len(prompts)
-        elif isinstance(negative_prompt, str):
-            negatives = [negative_prompt] * len(prompts)
-        else:
-            negatives = list(negative_prompt)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        if n_nets == 0 and image is None:  # the base model alone
-            images = []
-        elif isinstance(image, list | tuple) and n_nets > 1:
-            images = list(image)
-        else:
-            images = [image]
-        if len(images) != n_nets:
-            raise ValueError(f"{len(images)} control images for {n_nets} ControlNets")
-        scales = _per_net(controlnet_conditioning_scale, n_nets, "controlnet_conditioning_scale")
-        starts = _per_net(control_guidance_start, n_nets, "control_guidance_start")
-        ends = _per_net(control_guidance_end, n_nets, "control_guidance_end")
-
+    def _output_size(self, images: list, height, width) -> tuple[int, int]:
+        """(H, W): given, else the first condition's, else the UNet's sample size;
+        rounded down to a multiple of 8 (of the latent factor if larger)."""
         if images:
             first_hw = self._condition(images[0], 0, None).shape[:2]
         elif height and width:
@@ -196,138 +315,44 @@ class ControlNetPipeline:
                 raise ValueError("no control image and no UNet sample_size: pass height and width")
             side = self.unet.config.sample_size * self.latent_factor
             first_hw = (side, side)
-        h, w = self._size(first_hw, height, width)
-        conds = [self._condition(img, i, (h, w)) for i, img in enumerate(images)]
-        batch = len(prompts) * num_images_per_prompt
-        conds = [np.broadcast_to(c, (batch, *c.shape)).copy() for c in conds]
+        m = max(8, self.latent_factor)  # diffusers: a multiple of 8
+        h, w = height or first_hw[0], width or first_hw[1]
+        h2, w2 = h - h % m, w - w % m
+        if (h2, w2) != (h, w):
+            warnings.warn(
+                f"output size {h}x{w} is not a multiple of {m}; using {h2}x{w2}", stacklevel=4
+            )
+        return h2, w2
 
+    def _token_ids(self, prompts: list[str], repeats: int) -> np.ndarray:
         from cn_jax.tokenizer import tokenize
 
         max_len = self.text_encoder.config.max_position_embeddings
-        rep = lambda xs: [x for x in xs for _ in range(num_images_per_prompt)]  # noqa: E731
-        ids = tokenize(self.sd.tokenizer, rep(prompts), max_len)
-        neg_ids = tokenize(self.sd.tokenizer, rep(negatives), max_len)
+        return tokenize(self.sd.tokenizer, [p for p in prompts for _ in range(repeats)], max_len)
 
-        sampler = make_sampler(scheduler, self.sd.schedule, num_inference_steps)
-        n_steps = len(sampler)
-        # diffusers' controlnet_keep: a net acts at step i iff i/n >= start and (i+1)/n <= end.
-        steps = np.arange(n_steps)
-        keep = np.zeros((n_nets, n_steps), np.float32)  # (nets, steps)
-        for k, (s, e) in enumerate(zip(starts, ends)):
-            keep[k] = 1.0 - ((steps / n_steps < s) | ((steps + 1) / n_steps > e))
-        channels = self.unet.config.in_channels
-        lh, lw = h // self.latent_factor, w // self.latent_factor
+    def _initial_noise(self, latents, seed: int, size: tuple[int, int, int]) -> jax.Array:
+        """The given latents (checked) or N(0, 1) noise from `seed`, (B, h, w, C)."""
+        batch, h, w = size
+        f = self.latent_factor
+        want = (batch, h // f, w // f, self.unet.config.in_channels)
         if latents is None:
-            latents = jax.random.normal(jax.random.PRNGKey(seed), (batch, lh, lw, channels))
-        elif tuple(np.shape(latents)) != (batch, lh, lw, channels):
-            want = (batch, lh, lw, channels)
+            return jax.random.normal(jax.random.PRNGKey(seed), want)
+        if tuple(np.shape(latents)) != want:
             raise ValueError(f"latents have shape {tuple(np.shape(latents))}; expected {want}")
-        cfg = guidance_scale > 1.0
-        static = (cfg, bool(guess_mode), guess_mode_scales_kind, h, w)
-        fn = self._program(static, batch)
-        block_scales = None
-        if guess_mode:
-            block_scales = guess_mode_scales(
-                guess_mode_scales_kind, self.controlnets[0].config, (lh, lw), 1.0
-            )
-        out = fn(
-            self.params,
-            jnp.asarray(latents, jnp.float32) * sampler.init_noise_sigma,
-            jnp.asarray(ids),
-            jnp.asarray(neg_ids),
-            [jnp.asarray(c) for c in conds],
-            jnp.asarray(scales, jnp.float32),
-            jnp.asarray(keep),
-            jnp.float32(guidance_scale),
-            sampler,
-            None if block_scales is None else jnp.asarray(block_scales, jnp.float32),
-            jax.random.PRNGKey(seed + 1),
-        )
-        out = np.asarray(out, np.float32)
-        if output_type == "np":
-            return out
-        if output_type != "pil":
-            raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
-        u8 = np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
-        return [Image.fromarray(x.squeeze(-1) if x.shape[-1] == 1 else x) for x in u8]
+        return latents
 
-    def _program(self, static: tuple, batch: int):
-        """The jitted generation program for these static options (cached)."""
-        key = (static, batch)
-        if key in self._compiled:
-            return self._compiled[key]
-        cfg, guess_mode, _, _, _ = static
-        unet, vae, te, nets = self.unet, self.vae, self.text_encoder, self.controlnets
-        scaling = vae.config.scaling_factor if vae is not None else 1.0
 
-        def generate(params, latents, ids, neg_ids, conds, scales, keep, g, sampler, bscales, rng):
-            self.trace_count += 1  # runs at trace time only
-            encode = lambda x: te.apply({"params": params["text_encoder"]}, x)[0]  # noqa: E731
-            ctx = encode(ids)
-            full_ctx = jnp.concatenate([encode(neg_ids), ctx]) if cfg else ctx
-            # In guess mode the ControlNets see only the conditional half.
-            net_ctx = ctx if guess_mode else full_ctx
-            net_conds = conds
-            if cfg and not guess_mode:
-                net_conds = [jnp.concatenate([c, c]) for c in conds]
-            state = sampler.init_state(latents, rng)
-
-            def body(carry, i):
-                state, x = carry
-                scaled = sampler.scale_model_input(x, i)
-                inp = jnp.concatenate([scaled, scaled]) if cfg else scaled
-                t = sampler.model_timestep(i)
-                net_in = scaled if guess_mode else inp
-                down = mid = None
-                for k, net in enumerate(nets):
-                    s = scales[k] * keep[k, i]
-                    tt = jnp.full((net_in.shape[0],), t, jnp.float32)
-                    if bscales is not None:  # guess mode: per-resolution scales
-                        d, m = net.apply(
-                            {"params": params["controlnets"][k]}, net_in, tt, net_ctx, net_conds[k]
-                        )
-                        d = [r * (s * bscales[j]).astype(r.dtype) for j, r in enumerate(d)]
-                        m = m * (s * bscales[-1]).astype(m.dtype)
-                    else:
-                        d, m = net.apply(
-                            {"params": params["controlnets"][k]}, net_in, tt, net_ctx,
-                            net_conds[k], conditioning_scale=s,
-                        )  # fmt: skip
-                    down = d if down is None else [a + b for a, b in zip(down, d)]
-                    mid = m if mid is None else mid + m
-                if guess_mode and cfg and down is not None:
-                    down = [jnp.concatenate([jnp.zeros_like(r), r]) for r in down]
-                    mid = jnp.concatenate([jnp.zeros_like(mid), mid])
-                tb = jnp.full((inp.shape[0],), t, jnp.float32)
-                out = unet.apply(
-                    {"params": params["unet"]}, inp, tb, full_ctx,
-                    down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                ).astype(jnp.float32)  # fmt: skip
-                if cfg:
-                    uncond, cond = jnp.split(out, 2)
-                    out = uncond + g * (cond - uncond)
-                state, x = sampler.step(state, i, out, x)
-                return (state, x), None
-
-            (_, x), _ = jax.lax.scan(body, (state, latents), jnp.arange(len(sampler)))
-            if vae is not None:
-                x = vae.apply({"params": params["vae"]}, x / scaling, method="decode")
-            return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-
-        n_dev = len(jax.local_devices())
-        if n_dev > 1 and batch % n_dev == 0 and jax.process_count() == 1:
-            mesh = shd.make_mesh(1, jax.local_devices())
-            self.sharded_batches.add(batch)
-            bs, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
-            fn = jax.jit(
-                generate,
-                in_shardings=(rep, bs, bs, bs, bs, rep, rep, rep, rep, rep, rep),
-                out_shardings=bs,
-            )
-        else:
-            fn = jax.jit(generate)
-        self._compiled[key] = fn
-        return fn
+def _prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str]]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if negative_prompt is None:
+        negatives = [""] * len(prompts)
+    elif isinstance(negative_prompt, str):
+        negatives = [negative_prompt] * len(prompts)
+    else:
+        negatives = list(negative_prompt)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+    return prompts, negatives
 
 
 def _per_net(value, n: int, name: str) -> list[float]:
@@ -335,16 +360,3 @@ def _per_net(value, n: int, name: str) -> list[float]:
     if len(values) != n:
         raise ValueError(f"{name}: {len(values)} values for {n} ControlNets")
     return values
-
-
-def save_grid(images: Sequence[Image.Image], path: str | os.PathLike, cols: int | None = None):
-    """Tile images into one PNG (a row of up to `cols`)."""
-    cols = cols or min(len(images), 4)
-    rows = -(-len(images) // cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im.convert("RGB"), ((i % cols) * w, (i // cols) * h))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return grid

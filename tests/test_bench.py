@@ -387,3 +387,26 @@ def test_flops_count_the_tiled_kernels_loops_in_full(monkeypatch):
     assert tiled.flops == pytest.approx(xla.flops, rel=0.02), (tiled.flops, xla.flops)
     # What the compiled step's own count would have said: far fewer (one tile a loop).
     assert measure.program_flops(tiled.compiled) < 0.9 * xla.flops
+
+
+def test_bench_sample_times_the_pipelines_own_loop(monkeypatch):
+    """`cn-jax bench sample` compiles `ControlNetPipeline`'s own steps on a job made
+    by its `prepare`: its loop program traces the pipeline's one loop
+    (`guidance.denoise`), and the timed loop's latents are, bit for bit, what the
+    pipeline's generation program returns for that job."""
+    import numpy as np
+
+    from cn_jax import pipeline
+    from cn_jax.bench.sample import SampleBench
+    from cn_jax.config import load_config
+
+    traced = []
+    loop = pipeline.denoise
+    monkeypatch.setattr(pipeline, "denoise", lambda *a, **k: traced.append(1) or loop(*a, **k))
+    b = SampleBench(load_config(SMALL), batch=2, steps=2)
+    assert len(traced) == 1 and b.pipe.trace_count == 0  # the bench's loop program
+    b.run_loop()
+    images = b.pipe.run(b.job)  # the program a pipeline call runs on this job
+    assert len(traced) == 2 and b.pipe.trace_count == 1
+    expected = np.clip(np.asarray(b.final, np.float32) / 2 + 0.5, 0.0, 1.0)  # tiny: no VAE
+    np.testing.assert_array_equal(images, expected)

@@ -34,7 +34,8 @@ def test_demo_quick_writes_every_output(tmp_path):
 
     samples = Image.open(out / "samples.png")
     samples.load()
-    assert samples.size == (3 * 32 + 2 * 2, 2 * 32 + 2)  # condition | base | ControlNet, 2 rows
+    # condition | base | ControlNet, 2 labelled rows; the 32 px cells scaled to 128
+    assert samples.size[0] > 3 * 128 and samples.size[1] > 2 * 128
     curve = Image.open(out / "control_curve.png")
     curve.load()
     assert curve.size[0] > 100 and np.asarray(curve).std() > 0

@@ -1,9 +1,11 @@
-"""Guess-mode scale options and the residual sizes they are based on."""
+"""Guess-mode scale options and the residual sizes they are based on; guidance
+windows. (The loop itself, `denoise`, is tested end to end against diffusers in
+test_pipeline.py, and through `cn-jax bench sample` in test_bench.py.)"""
 
 import numpy as np
 import pytest
 
-from cn_jax.diffusion.guidance import guess_mode_scales, residual_sizes
+from cn_jax.diffusion.guidance import control_keep, guess_mode_scales, residual_sizes
 from cn_jax.models.config import ControlNetConfig
 
 
@@ -21,3 +23,10 @@ def test_sd15_residual_sizes_and_scales():
     np.testing.assert_allclose(guess_mode_scales("paper", cfg, (96, 96)), paper)
     with pytest.raises(ValueError, match="guess mode scales"):
         guess_mode_scales("bogus", cfg, (64, 64))
+
+
+def test_control_keep_is_diffusers_controlnet_keep():
+    # diffusers: keep at step i iff not (i / n < start or (i + 1) / n > end)
+    np.testing.assert_array_equal(control_keep(0.2, 0.7, 10), [0, 0, 1, 1, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(control_keep(0.0, 1.0, 4), np.ones(4))
+    assert control_keep(0.0, 1.0, 4).dtype == np.float32

@@ -126,6 +126,14 @@ def test_sample_cli_writes_a_grid(folder, tmp_path):
             "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     assert Image.open(out).size == (2 * 96 + 2, 96)  # one row, 2 px gap
+    # --compare-base: condition | base alone | with the ControlNet, labelled, cells >= 128 px.
+    from cn_jax.grid import GAP, LABEL_WIDTH, MIN_CELL
+
+    args[args.index("--num-images") + 1] = "1"
+    assert main([*args, "--compare-base"]) == 0
+    w, h = Image.open(out).size
+    cell = 96 * -(-MIN_CELL // 96)
+    assert w == max(cell, LABEL_WIDTH) + GAP + 3 * (cell + GAP) - GAP and h > cell
 
 
 @pytest.mark.slow  # a whole-generation compile each

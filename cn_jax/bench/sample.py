@@ -1,12 +1,14 @@
 """Sampling speed: sampler steps per second with CFG and one or two ControlNets.
 
-Three programs, each compiled ahead of time and timed on its own: the text
-encoder (prompts and the empty negative prompt in one batch), the denoising
-loop (`cn_jax.diffusion.guidance.denoise`: one `lax.scan` whose step runs each
+What `ControlNetPipeline` runs, as three programs compiled ahead of time and
+timed on their own: the pipeline's own steps `encode` (the prompts and the
+empty negative prompts), `denoise` (the project's one loop,
+`cn_jax.diffusion.guidance.denoise`: one `lax.scan` whose step runs each
 ControlNet and the UNet on the 2B batch of the CFG pair, then the sampler
-step) and the VAE decode. it/s counts loop steps only, as diffusers' progress
-bar does; images/s divides the batch by the sum of the three. (`cn-jax sample`
-fuses the three into one program; its time is about that sum.)
+step) and `decode` (the VAE), on a `Job` made by the pipeline's `prepare`.
+it/s counts loop steps only, as diffusers' progress bar does; images/s divides
+the batch by the sum of the three. (`cn-jax sample` fuses the three into one
+program; its time is about that sum.)
 
 Weights are stored in the compute dtype (`train.precision`), as a bfloat16
 inference deployment would keep them.
@@ -23,9 +25,8 @@ import numpy as np
 
 from cn_jax.bench import measure
 from cn_jax.config import Config
-from cn_jax.diffusion.guidance import denoise
-from cn_jax.diffusion.samplers import make_sampler
 from cn_jax.models.controlnet import ControlNet, init_controlnet_from_unet
+from cn_jax.pipeline import ControlNetPipeline
 from cn_jax.runtime import release_after_setup
 from cn_jax.train.loop import controlnet_config, kernels_of
 
@@ -99,46 +100,21 @@ class SampleBench:
         # == Models and inputs ==
         t0 = time.perf_counter()
         sd = _load(config, dtype)
-        nets = _controlnets(config, sd, controlnets, dtype)
-        unet, te, vae = sd.unet.clone(dtype=dtype), sd.text_encoder.clone(dtype=dtype), sd.vae
-        lf = 1 if vae is None else vae.config.latent_factor
-        r = config.data.resolution
-        cfg = guidance_scale > 1.0
-        self.sampler = make_sampler(sampler, sd.schedule, steps)
+        self.pipe = pipe = ControlNetPipeline(
+            sd, _controlnets(config, sd, controlnets, dtype), dtype
+        )
         rng = np.random.default_rng(seed)
-        from cn_jax.tokenizer import tokenize
-
-        max_len = te.config.max_position_embeddings
-        prompts = [PROMPT] * batch + ([""] * batch if cfg else [])
-        self.ids = jnp.asarray(tokenize(sd.tokenizer, prompts, max_len))
-        self.conds = [
-            jnp.asarray(rng.uniform(0, 1, (batch, r, r, n.config.conditioning_channels)), "float32")
-            for n, _ in nets
+        r, lf = config.data.resolution, pipe.latent_factor
+        conds = [
+            rng.uniform(0, 1, (r, r, n.config.conditioning_channels)).astype(np.float32)
+            for n in pipe.controlnets
         ]
-        latents = rng.standard_normal((batch, r // lf, r // lf, unet.config.in_channels))
-        self.latents = jnp.asarray(latents * float(self.sampler.init_noise_sigma), jnp.float32)
-        self.rng = jax.random.PRNGKey(seed)
-        self.params = {
-            "unet": sd.unet_params,
-            "text_encoder": sd.text_encoder_params,
-            "vae": sd.vae_params,
-            "controlnets": [p for _, p in nets],
-        }
-        modules = [n for n, _ in nets]
-        scaling = vae.config.scaling_factor if vae is not None else 1.0
-
-        def encode(p, ids):
-            ctx = te.apply({"params": p}, ids)[0]
-            return (ctx[:batch], ctx[batch:]) if cfg else (ctx, None)
-
-        def loop(unet_p, nets_p, conds, ctx, uctx, latents, sampler, rng):
-            triples = [(m, p, c, 1.0) for m, p, c in zip(modules, nets_p, conds)]
-            return denoise(unet, unet_p, triples, ctx, uctx, latents, sampler, guidance_scale, rng)
-
-        def decode(p, x):
-            x = vae.apply({"params": p}, x / scaling, method="decode")
-            return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-
+        noise = rng.standard_normal((batch, r // lf, r // lf, pipe.unet.config.in_channels))
+        self.job = pipe.prepare(
+            [PROMPT] * batch, conds if controlnets > 1 else conds[0], num_inference_steps=steps,
+            guidance_scale=guidance_scale, scheduler=sampler, seed=seed, latents=noise,
+        )  # fmt: skip
+        self.params = pipe.params
         self.setup_s = time.perf_counter() - t0
 
         # == Compile each program ahead of time ==
@@ -150,35 +126,32 @@ class SampleBench:
             self.compile_s[name] = time.perf_counter() - t
             return compiled
 
-        self._encode = compile_("text", encode, self.params["text_encoder"], self.ids)
-        self.ctx, self.uctx = self._encode(self.params["text_encoder"], self.ids)
-        self._loop = compile_("loop", loop, *self._loop_args())
+        self._encode = compile_("text", pipe.encode, self.params, self.job)
+        self.contexts = self._encode(self.params, self.job)
+        self._loop = compile_("loop", pipe.denoise, self.params, self.job, *self.contexts)
         self.memory = measure.program_memory(self._loop)
         self._decode = None
         self.compile_s["decode"] = None
-        if vae is not None:
-            self._decode = compile_("decode", decode, self.params["vae"], self.latents)
+        if pipe.vae is not None:
+            self._decode = compile_("decode", pipe.decode, self.params, self.job.latents)
         # What set-up and the compiler freed, and the traced init programs: every
         # function run from here on is compiled ahead of time (cn_jax.runtime).
         release_after_setup()
 
-    def _loop_args(self):
-        p = self.params
-        return (p["unet"], p["controlnets"], self.conds, self.ctx, self.uctx, self.latents,
-                self.sampler, self.rng)  # fmt: skip
-
     def run_text(self) -> float:
-        return measure.timed(lambda: self._encode(self.params["text_encoder"], self.ids))[0]
+        return measure.timed(lambda: self._encode(self.params, self.job))[0]
 
     def run_loop(self) -> float:
         """One full denoising loop (`steps` sampler steps); seconds."""
-        seconds, self.final = measure.timed(lambda: self._loop(*self._loop_args()))
+        seconds, self.final = measure.timed(
+            lambda: self._loop(self.params, self.job, *self.contexts)
+        )
         return seconds
 
     def run_decode(self) -> float:
         if self._decode is None:
             return 0.0
-        return measure.timed(lambda: self._decode(self.params["vae"], self.final))[0]
+        return measure.timed(lambda: self._decode(self.params, self.final))[0]
 
     def summary(self) -> dict[str, Any]:
         c = self.config
@@ -201,18 +174,10 @@ class SampleBench:
         }
 
 
-def bench_sample(
-    config: Config,
-    steps: int = 20,
-    batch: int = 1,
-    controlnets: int = 1,
-    sampler: str = "ddim",
-    guidance_scale: float = 7.5,
-    repeats: int = 3,
-    warmup: int = 1,
-) -> dict[str, Any]:
-    """Time `repeats` sampling runs of `steps` steps (after `warmup` untimed ones)."""
-    b = SampleBench(config, batch, steps, controlnets, sampler, guidance_scale)
+def bench_sample(config: Config, repeats: int = 3, warmup: int = 1, **options) -> dict[str, Any]:
+    """Time `repeats` sampling runs (after `warmup` untimed ones) of the `SampleBench`
+    that `options` (batch, steps, controlnets, sampler, guidance_scale) describe."""
+    b = SampleBench(config, **options)
     runners = {"text": b.run_text, "loop": b.run_loop, "decode": b.run_decode}
     measure.interleave(runners, warmup)
     times = measure.interleave(runners, repeats)
@@ -224,8 +189,8 @@ def bench_sample(
         loop_times_s=times["loop"],
         text_s=text,
         decode_s=dec,
-        it_per_s=steps / loop,
-        images_per_s=batch / (text + loop + dec),
+        it_per_s=b.steps / loop,
+        images_per_s=b.batch / (text + loop + dec),
         device_peak_bytes_in_use=measure.device_peak_bytes([b.device]),
     )
     return out

@@ -1,15 +1,25 @@
-"""The denoising loop with classifier-free guidance and ControlNet residuals,
-as one `lax.scan` (one XLA program for all steps, not a Python loop).
+"""Generation with classifier-free guidance and ControlNets: `denoise`, the one
+denoising loop of the project (`ControlNetPipeline`, `cn-jax sample`, the
+held-out evaluation, the training run's validation grids and `cn-jax bench
+sample` all run it), and the two steps around it, `encode_prompts` and
+`decode_latents`; `generation_program` puts the three in one jitted program
+for one ControlNet (what the evaluation and the validation grids sample with).
 
-Unconditional and conditional halves run as one batch of 2B. ControlNets
-see the same 2B batch (their conditions duplicated) and their residuals,
-each scaled, are summed before entering the UNet.
+The loop is one `lax.scan` (one XLA program for all steps, not a Python loop).
+Semantics follow diffusers' `StableDiffusionControlNetPipeline`: the
+unconditional and conditional halves run as one batch of 2B; each ControlNet
+sees the same 2B batch (its condition duplicated) and its residuals, scaled by
+its conditioning scale, are summed before entering the UNet. A ControlNet acts
+only inside its guidance window (`control_keep`). In guess mode the ControlNets
+see only the conditional half, the unconditional half gets no residual, and the
+residuals are scaled per resolution (`guess_mode_scales`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,61 +28,161 @@ import numpy as np
 from cn_jax.models.controlnet import combine_controlnet_residuals
 
 
+class Control(NamedTuple):
+    """One ControlNet's part in `denoise`.
+
+    Attributes:
+      net: the `ControlNet` module.
+      params: its parameters.
+      cond: NHWC condition in [0, 1] at pixel size, one per image of the batch.
+      scale: conditioning scale (control strength).
+      keep: (steps,) 1 at the steps where the net acts, 0 elsewhere
+        (`control_keep`); None: every step.
+    """
+
+    net: Any
+    params: Any
+    cond: jax.Array
+    scale: float | jax.Array = 1.0
+    keep: jax.Array | None = None
+
+
+def encode_prompts(
+    text_encoder, params: Any, ids: jax.Array, neg_ids: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array | None]:
+    """Token ids -> (context, unconditional context), each (B, L, D).
+
+    `neg_ids` None (no classifier-free guidance): the second is None."""
+    encode = lambda x: text_encoder.apply({"params": params}, x)[0]  # noqa: E731
+    return encode(ids), None if neg_ids is None else encode(neg_ids)
+
+
 def denoise(
     unet,
     unet_params: Any,
-    controlnets: Sequence[tuple[Any, Any, jax.Array, float]],
+    controls: Sequence[Control],
     context: jax.Array,
     uncond_context: jax.Array | None,
     latents: jax.Array,
     sampler,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | jax.Array = 7.5,
     rng: jax.Array | None = None,
+    guess_mode: str | None = None,
 ) -> jax.Array:
     """Run `sampler` from `latents` (already scaled by `init_noise_sigma`) to x0.
 
     Args:
       unet, unet_params: the denoiser.
-      controlnets: (module, params, condition NHWC in [0, 1], scale) per ControlNet.
+      controls: one `Control` per ControlNet (none: the base model alone).
       context: (B, L, D) text embeddings of the prompts.
-      uncond_context: (B, L, D) embeddings of the negative/empty prompt, or
+      uncond_context: (B, L, D) embeddings of the negative / empty prompts, or
         None for no classifier-free guidance.
       latents: (B, h, w, C) initial noise.
       sampler: a `cn_jax.diffusion.samplers` sampler.
       guidance_scale: CFG weight (ignored without `uncond_context`).
       rng: key for stochastic samplers.
+      guess_mode: None, or guess mode with the per-resolution scales of this
+        kind (`guess_mode_scales`: "diffusers", "original" or "paper").
 
     Returns:
-      The final latents (B, h, w, C).
+      The final latents (B, h, w, C), float32.
     """
     cfg = uncond_context is not None
     ctx = jnp.concatenate([uncond_context, context]) if cfg else context
-    conds = [(m, p, jnp.concatenate([c, c]) if cfg else c, s) for m, p, c, s in controlnets]
-    state = sampler.init_state(latents, rng)
+    # In guess mode the ControlNets see only the conditional half.
+    net_ctx = context if guess_mode else ctx
+    duplicate = cfg and not guess_mode
+    net_conds = [jnp.concatenate([c.cond, c.cond]) if duplicate else c.cond for c in controls]
+    weights = [
+        guess_mode_scales(guess_mode, c.net.config, latents.shape[1:3]) if guess_mode else None
+        for c in controls
+    ]
 
-    def body(carry, i):
+    def residuals(x, t, i):
+        """The ControlNets' summed residuals at step i (None without ControlNets)."""
+        outs = []
+        for c, cond, w in zip(controls, net_conds, weights):
+            scale = c.scale if c.keep is None else c.scale * c.keep[i]
+            tt = jnp.full((x.shape[0],), t, jnp.float32)
+            # Scaled here, not by the net's conditioning_scale: one path for plain and
+            # guess-mode scales, each residual kept in its dtype.
+            down, mid = c.net.apply({"params": c.params}, x, tt, net_ctx, cond)
+            outs.append(_scaled(down, mid, scale, w))
+        if not outs:
+            return None, None
+        down, mid = combine_controlnet_residuals(outs)
+        if guess_mode and cfg:  # the unconditional half gets none
+            down = [jnp.concatenate([jnp.zeros_like(r), r]) for r in down]
+            mid = jnp.concatenate([jnp.zeros_like(mid), mid])
+        return down, mid
+
+    def step(carry, i):
         state, x = carry
-        inp = sampler.scale_model_input(x, i)
-        inp = jnp.concatenate([inp, inp]) if cfg else inp
-        t = jnp.full((inp.shape[0],), sampler.model_timestep(i), jnp.float32)
-        down = mid = None
-        if conds:
-            outs = [
-                m.apply({"params": p}, inp, t, ctx, c, conditioning_scale=s) for m, p, c, s in conds
-            ]
-            down, mid = combine_controlnet_residuals(outs)
+        scaled = sampler.scale_model_input(x, i)
+        inp = jnp.concatenate([scaled, scaled]) if cfg else scaled
+        t = sampler.model_timestep(i)
+        down, mid = residuals(scaled if guess_mode else inp, t, i)
         out = unet.apply(
-            {"params": unet_params}, inp, t, ctx,
+            {"params": unet_params}, inp, jnp.full((inp.shape[0],), t, jnp.float32), ctx,
             down_block_additional_residuals=down, mid_block_additional_residual=mid,
-        )  # fmt: skip
+        ).astype(jnp.float32)  # fmt: skip
         if cfg:
             uncond, cond = jnp.split(out, 2)
             out = uncond + guidance_scale * (cond - uncond)
-        state, x = sampler.step(state, i, out.astype(jnp.float32), x)
-        return (state, x), None
+        return sampler.step(state, i, out, x), None
 
-    (_, x), _ = jax.lax.scan(body, (state, latents.astype(jnp.float32)), jnp.arange(len(sampler)))
+    x = latents.astype(jnp.float32)
+    (_, x), _ = jax.lax.scan(step, (sampler.init_state(x, rng), x), jnp.arange(len(sampler)))
     return x
+
+
+def _scaled(down, mid, scale, weights):
+    """Residuals times `scale` (in guess mode times `scale * weights[j]`), in their dtype."""
+
+    def by(r, j):
+        s = scale if weights is None else scale * weights[j]
+        return r * jnp.asarray(s, jnp.float32).astype(r.dtype)
+
+    return [by(r, j) for j, r in enumerate(down)], by(mid, len(down))
+
+
+def decode_latents(vae, params: Any, latents: jax.Array, scaling_factor: float) -> jax.Array:
+    """Final latents -> images in [-1, 1] (a pixel-space model, `vae` None: as they are)."""
+    if vae is None:
+        return latents
+    return vae.apply({"params": params}, latents / scaling_factor, method="decode")
+
+
+@functools.cache
+def generation_program(unet, controlnet, text_encoder, vae=None, scaling_factor: float = 1.0):
+    """Prompts and conditions -> images with one ControlNet (None: the base alone).
+
+    Returns `jit(generate)`, one per set of modules (compiled per shapes), with
+    `generate(params, ids, neg_ids, cond, latents, sampler, guidance_scale)`:
+    `params` a run's tree ("unet", "text_encoder", "controlnet", "vae"), token
+    ids (B, L) of the prompts and of the negative prompts, the conditions
+    (B, H, W, C) in [0, 1], the initial latents (already scaled by the
+    sampler's `init_noise_sigma`); images (B, H, W, C) in [-1, 1].
+    """
+
+    def generate(params, ids, neg_ids, cond, latents, sampler, guidance_scale):
+        context, uncond = encode_prompts(text_encoder, params["text_encoder"], ids, neg_ids)
+        controls = [] if controlnet is None else [Control(controlnet, params["controlnet"], cond)]
+        x = denoise(
+            unet, params["unet"], controls, context, uncond, latents, sampler, guidance_scale
+        )
+        return decode_latents(vae, params.get("vae"), x, scaling_factor)
+
+    return jax.jit(generate)
+
+
+def control_keep(start: float, end: float, steps: int) -> np.ndarray:
+    """(steps,) float32: 1 where a ControlNet with this guidance window acts.
+
+    diffusers' `controlnet_keep`: at step i iff i / steps >= start and
+    (i + 1) / steps <= end."""
+    i = np.arange(steps)
+    return (1.0 - ((i / steps < start) | ((i + 1) / steps > end))).astype(np.float32)
 
 
 def residual_sizes(config, latent_hw: tuple[int, int]) -> list[int]:

@@ -11,7 +11,6 @@ model's: the curve starts at the base's own (chance) IoU.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from cn_jax.data.fill50k import fill50k_truth, render_fill50k
 from cn_jax.data.transforms import to_uint8
-from cn_jax.diffusion.guidance import denoise
+from cn_jax.diffusion.guidance import generation_program
 from cn_jax.diffusion.samplers import make_sampler
 from cn_jax.eval.circles import disk_mask, iou, score_batch
 from cn_jax.tokenizer import tokenize
@@ -93,27 +92,16 @@ class ControlEvaluator:
         self.latents = noise * self.sampler.init_noise_sigma
         self.cond = jnp.asarray(self.held_out.conditions, jnp.float32) / 255.0
 
-    @functools.cached_property
-    def _generate(self):
-        def run(unet_p, cnet_p, text_p, vae_p, ids, empty_ids, cond, latents):
-            te = functools.partial(self.text_encoder.apply, {"params": text_p})
-            ctx, uncond = te(ids)[0], te(empty_ids)[0]
-            nets = [(self.controlnet, cnet_p, cond, 1.0)] if self.controlnet is not None else []
-            x = denoise(
-                self.unet, unet_p, nets, ctx, uncond, latents, self.sampler, self.guidance_scale
-            )
-            if self.vae is not None:
-                x = self.vae.apply({"params": vae_p}, x / self.scaling_factor, method="decode")
-            return x
-
-        return jax.jit(run)
-
     def images(self, params: dict[str, Any]) -> np.ndarray:
         """uint8 (N, H, W, 3) samples of the held-out set with `params` (a full tree:
         "unet", "text_encoder", optional "controlnet" and "vae")."""
-        x = self._generate(
-            params["unet"], params.get("controlnet"), params["text_encoder"], params.get("vae"),
-            self.ids, self.empty_ids, self.cond, self.latents,
+        generate = generation_program(
+            self.unet, self.controlnet, self.text_encoder, self.vae, self.scaling_factor
+        )
+        params = {k: params.get(k) for k in ("unet", "text_encoder", "controlnet", "vae")}
+        x = generate(
+            params, self.ids, self.empty_ids, self.cond, self.latents, self.sampler,
+            self.guidance_scale,
         )  # fmt: skip
         return to_uint8(jax.device_get(x))
 

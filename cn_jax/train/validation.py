@@ -1,46 +1,23 @@
-"""Validation during training: a PNG grid (condition | sample) from the current
-ControlNet on the first `train.validation_samples` rows of the dataset, sampled
-with DDIM and classifier-free guidance."""
+"""Validation during training: a labelled PNG grid (condition | sample, a row per
+prompt) from the current weights on the first `train.validation_samples` rows
+of the dataset, sampled with DDIM and classifier-free guidance by the project's
+one generation loop (`cn_jax.diffusion.guidance`)."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from cn_jax.data.transforms import preprocess_pair, to_uint8
-from cn_jax.diffusion.guidance import denoise
+from cn_jax.diffusion.guidance import generation_program
 from cn_jax.diffusion.samplers import make_sampler
+from cn_jax.grid import labelled_grid
 from cn_jax.tokenizer import tokenize
 from cn_jax.train.state import merge
 
 GUIDANCE_SCALE = 7.5
-
-
-def grid(rows: list[list[np.ndarray]]) -> Image.Image:
-    """Rows of equally sized uint8 HWC images -> one image, 2 px gaps."""
-    h, w = rows[0][0].shape[:2]
-    gap = 2
-    out = np.full((len(rows) * (h + gap) - gap, len(rows[0]) * (w + gap) - gap, 3), 255, np.uint8)
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            out[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = img
-    return Image.fromarray(out)
-
-
-@functools.cache
-def _jitted_denoise(models):
-    def run(unet_params, cnet_params, cond, ctx, uncond, latents, sampler):
-        controlnets = [(models.controlnet, cnet_params, cond, 1.0)] if models.controlnet else []
-        return denoise(
-            models.unet, unet_params, controlnets, ctx, uncond, latents, sampler, GUIDANCE_SCALE
-        )
-
-    return jax.jit(run)
 
 
 def validation_grid(config, models, state, frozen, sd, dataset, path: Path) -> None:
@@ -57,22 +34,22 @@ def validation_grid(config, models, state, frozen, sd, dataset, path: Path) -> N
         conds.append(cond)
         cap = row["caption"]
         prompts.append(cap if isinstance(cap, str) else cap[0])
-    cond = jnp.asarray(np.stack(conds))
-    params = merge(state.params, frozen)
     max_len = sd.text_encoder.config.max_position_embeddings
-    te = functools.partial(sd.text_encoder.apply, {"params": params["text_encoder"]})
-    ctx = te(tokenize(sd.tokenizer, prompts, max_len))[0]
-    uncond = te(tokenize(sd.tokenizer, [""] * n, max_len))[0]
     factor = 1 if models.vae is None else models.vae.config.latent_factor
     channels = models.unet.config.in_channels
     sampler = make_sampler("ddim", sd.schedule, config.train.validation_steps)
     key = jax.random.PRNGKey(config.train.seed + 1)
     latents = jax.random.normal(key, (n, res // factor, res // factor, channels))
-    latents = latents * sampler.init_noise_sigma
-    x = _jitted_denoise(models)(
-        params["unet"], params.get("controlnet"), cond, ctx, uncond, latents, sampler
+    generate = generation_program(
+        models.unet, models.controlnet, models.text_encoder, models.vae, models.scaling_factor
     )
-    if models.vae is not None:
-        x = models.vae.apply({"params": params["vae"]}, x / models.scaling_factor, method="decode")
+    params = merge(state.params, frozen)
+    params = {k: params.get(k) for k in ("unet", "text_encoder", "controlnet", "vae")}
+    x = generate(
+        params, tokenize(sd.tokenizer, prompts, max_len), tokenize(sd.tokenizer, [""] * n, max_len),
+        np.stack(conds), latents * sampler.init_noise_sigma, sampler, GUIDANCE_SCALE,
+    )  # fmt: skip
     images = to_uint8(np.asarray(x))
-    grid([[to_uint8(c, low=0.0), img] for c, img in zip(conds, images)]).save(path)
+    sample = "sample" if models.controlnet is None else "with the ControlNet"
+    rows = [[to_uint8(c, low=0.0), img] for c, img in zip(conds, images)]
+    labelled_grid(rows, ["condition", sample], prompts).save(path)
