@@ -4,11 +4,18 @@ Every section forbids unknown keys, so a typo (`train.learnig_rate`) is an
 error naming the key and the file instead of a silently ignored setting.
 Command-line overrides use `section.key=value` with YAML scalars
 (`train.learning_rate=2e-4`, `data.random_flip=true`, `model.base=null`).
+
+Every number has its valid range in the model: floats must be finite (NaN and infinity are
+refused everywhere), and each field carries the bounds under which training means what it
+says (a negative `train.max_grad_norm` would flip the gradient's sign; `adam_beta2=1` divides
+by zero; a seed above 2**32 - 1 collides with a smaller one in `jax.random.PRNGKey`, which
+keeps only 32 bits without x64). An error names `section.key`, the value and the bound.
 """
 
 from __future__ import annotations
 
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,9 +24,27 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 Trainable = Literal["controlnet", "controlnet+decoder", "unet"]
 
+MAX_SEED = 2**32 - 1  # jax.random.PRNGKey keeps 32 bits: PRNGKey(2**32) == PRNGKey(0)
+MAX_STEPS = 2**31 - 1  # the step counter is an int32 on device
+MAX_RESOLUTION = 16384  # pixels per side; 4x SDXL's largest bucket
+MAX_CHANNELS = 65536  # as cn_jax.models.config: a bound on absurd widths, not a model limit
+
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float field refuses NaN and +-inf, from YAML (.nan, .inf)
+    # or an override (train.learning_rate=inf) alike.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value, info):
+        # pydantic's lax mode reads true as 1: `train.batch_size=true` is a typo, not a size.
+        if isinstance(value, bool):
+            annotation = cls.model_fields[info.field_name].annotation
+            accepted = set(typing.get_args(annotation)) or {annotation}
+            if bool not in accepted and accepted & {int, float}:
+                raise ValueError("expected a number, got a boolean")
+        return value
 
 
 class ModelConfig(_Section):
@@ -33,7 +58,7 @@ class ModelConfig(_Section):
     architecture: str = "tiny"  # for random bases: tiny | sd15 | sd21
     tokenizer: str | None = None  # tokenizer folder; default: the base's (or bundled tiny one)
     controlnet: str | None = None  # continue from this ControlNet; None: copy of the base UNet
-    conditioning_channels: int = Field(3, ge=1)
+    conditioning_channels: int = Field(3, ge=1, le=MAX_CHANNELS)
     conditioning_embedding: Literal["released", "paper"] = "released"
     conditioning_channel_order: Literal["rgb", "bgr"] = "rgb"
     # scheduler_config.json fields that replace the base's, e.g. {prediction_type:
@@ -62,27 +87,28 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """The optimisation."""
 
-    max_steps: int = Field(1000, ge=0)
+    max_steps: int = Field(1000, ge=0, le=MAX_STEPS)
     batch_size: int = Field(8, ge=1)  # global batch per optimizer step, all devices
     grad_accum: int = Field(1, ge=1)  # micro-batches per step (batch_size / grad_accum each)
     learning_rate: float = Field(1e-5, gt=0)  # the original ControlNet's
-    decoder_learning_rate: float | None = None  # controlnet+decoder: UNet decoder lr
+    decoder_learning_rate: float | None = Field(None, gt=0)  # controlnet+decoder: decoder lr
     lr_schedule: Literal["constant", "warmup_constant", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    weight_decay: float = 1e-2
-    max_grad_norm: float | None = 1.0  # global-norm clipping; None: off
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)  # 1 divides by 1 - beta2**t = 0
+    adam_eps: float = Field(1e-8, gt=0)  # 0: a zero gradient (frozen at init) gives 0/0
+    weight_decay: float = Field(1e-2, ge=0)
+    # Global-norm clipping; None: off. A norm <= 0 would scale by a negative or infinite factor.
+    max_grad_norm: float | None = Field(1.0, gt=0)
     trainable: Trainable = "controlnet"
     precision: Literal["float32", "bfloat16"] = "float32"  # compute; master weights float32
     remat: bool = False  # recompute block activations in the backward pass
-    ema_decay: float | None = None  # e.g. 0.9999; None: no EMA
-    seed: int = 0
+    ema_decay: float | None = Field(None, ge=0, le=1)  # e.g. 0.9999; None: no EMA
+    seed: int = Field(0, ge=0, le=MAX_SEED)  # numpy's SeedSequence refuses negative seeds
     checkpoint_every: int = Field(1000, ge=1)
-    max_to_keep: int | None = 3
+    max_to_keep: int | None = Field(3, ge=1)
     log_every: int = Field(10, ge=1)
-    validate_every: int | None = None  # steps; None: never
+    validate_every: int | None = Field(None, ge=1)  # steps; None: never
     validation_samples: int = Field(4, ge=1)
     validation_steps: int = Field(20, ge=1)  # sampler steps per validation image
 
@@ -104,7 +130,7 @@ class DataConfig(_Section):
     image_column: str = "image"
     conditioning_image_column: str = "conditioning_image"
     caption_column: str = "text"
-    resolution: int = Field(512, ge=8)
+    resolution: int = Field(512, ge=8, le=MAX_RESOLUTION)
     proportion_empty_prompts: float = Field(0.5, ge=0.0, le=1.0)  # the paper's 50%
     random_crop: bool = False
     random_flip: bool = False
@@ -122,7 +148,7 @@ class EvalConfig(_Section):
     sampler: str = "ddim"
     sampler_steps: int = Field(20, ge=1)
     guidance_scale: float = Field(7.5, ge=1.0)
-    seed: int = 0  # of the initial noise
+    seed: int = Field(0, ge=0, le=MAX_SEED)  # of the initial noise
 
 
 class MeshConfig(_Section):
@@ -192,12 +218,25 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            problems.append(f"{loc}: {msg}")
+        problems = [_problem(err) for err in e.errors()]
+        if len(problems) == 1:
+            raise ConfigError(f"{source}: invalid config: {problems[0]}") from None
         raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(problems)) from None
+
+
+def _problem(err: dict) -> str:
+    """One pydantic error as one line: ``train.adam_beta1=2.0: Input should be less than 1``."""
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    value, msg = err.get("input"), err["msg"]
+    if err["type"] == "value_error":  # our validators: the message names what is wrong
+        msg = msg.removeprefix("Value error, ")
+        if msg.startswith(loc + ":"):
+            return msg
+    if isinstance(value, dict | list):
+        return f"{loc}: {msg}"  # a whole section (the value is not one number)
+    return f"{loc}={value!r}: {msg}"
 
 
 def dump_config(config: Config, path: str | os.PathLike) -> None:

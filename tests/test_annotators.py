@@ -378,3 +378,29 @@ def test_annotate_for_the_cli():
         annotate("canny", image, low=100)
     with pytest.raises(ValueError, match="uint8"):
         annotate("canny", image.astype(np.float32))
+
+
+def test_annotate_reads_16bit_and_float_images_by_their_own_range(tmp_path):
+    """A 16-bit depth map is annotated from its own range (divided by 65535, rounded to the
+    annotators' 8 bits), not clipped at 255 as PIL's convert("RGB") would."""
+    from PIL import Image
+
+    image = photo("camera")  # uint8 (H, W)
+    deep = image.astype(np.uint16) * 257  # the same picture on the 16-bit range
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    want = annotate("canny", image, low_threshold=100, high_threshold=200)
+    for value in (str(tmp_path / "deep.png"), deep, image.astype(np.float32) / 255):
+        got = annotate("canny", value, low_threshold=100, high_threshold=200)
+        np.testing.assert_array_equal(got, want, err_msg=type(value).__name__)
+    # An 8-bit file, an RGBA one and a palette one: what the command read before (RGB).
+    rgb = photo("chelsea")
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(rgb).convert("RGBA").save(tmp_path / "rgba.png")
+    want = annotate("scribble", rgb)
+    for name in ("rgb.png", "rgba.png"):
+        np.testing.assert_array_equal(annotate("scribble", str(tmp_path / name)), want)
+    with pytest.raises(ValueError, match=r"^annotate input: a float64 array image holds NaN"):
+        annotate("canny", np.full((8, 8), np.nan))
+    with pytest.raises(ValueError, match=r"^annotate input \('.*missing.png'\): not a readable"):
+        annotate("canny", str(tmp_path / "missing.png"))

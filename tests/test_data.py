@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from cn_jax.data import (
     read_fill50k_meta,
     sample_choices,
 )
+from cn_jax.data.transforms import I_MODE_MAX, image_to_float, resize_float
 
 N_FILL = 24  # samples in the shared fill50k fixture
 FILL_SIZE = 24
@@ -428,6 +430,202 @@ def test_bad_images_raise_bad_sample_error_naming_the_file(tmp_path):
         preprocess_pair(b"junk", _gradient(8, 8), 8, row=5)
     with pytest.raises(BadSampleError, match="row 5, image"):
         decode_image({"bytes": b"junk", "path": "x.png"}, "RGB", row=5, column="image")
+
+
+def _old_preprocess(image, cond, resolution, channels, crop, flip):
+    """The 8-bit path as it was before 16-bit support (PIL convert, resize, crop, / 255)."""
+
+    def decode(v, mode):
+        img = (
+            v
+            if isinstance(v, Image.Image)
+            else (Image.fromarray(v) if isinstance(v, np.ndarray) else Image.open(io.BytesIO(v)))
+        )
+        img.load()
+        return img if img.mode == mode else img.convert(mode)
+
+    def shorter(img):
+        w, h = img.size
+        if min(w, h) == resolution:
+            return img
+        s = resolution / min(w, h)
+        nw = resolution if w <= h else max(resolution, round(w * s))
+        nh = resolution if h < w else max(resolution, round(h * s))
+        return img.resize((nw, nh), Image.BICUBIC)
+
+    img, c = decode(image, "RGB"), decode(cond, "RGB" if channels == 3 else "L")
+    if c.size != img.size:
+        c = c.resize(img.size, Image.BICUBIC)
+    img, c = shorter(img), shorter(c)
+    w, h = img.size
+    left = int(np.floor(crop[0] * (w - resolution) + 0.5))
+    top = int(np.floor(crop[1] * (h - resolution) + 0.5))
+    box = (left, top, left + resolution, top + resolution)
+    img, c = img.crop(box), c.crop(box)
+    if flip:
+        img, c = img.transpose(Image.FLIP_LEFT_RIGHT), c.transpose(Image.FLIP_LEFT_RIGHT)
+    pixels = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    condition = np.asarray(c, dtype=np.float32) / 255.0
+    return pixels, condition[:, :, None] if condition.ndim == 2 else condition
+
+
+def _eight_bit_sources() -> dict:
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    rgba = rng.integers(0, 256, (37, 53, 4), dtype=np.uint8)
+    gray = rng.integers(0, 256, (41, 29), dtype=np.uint8)
+    return {
+        "rgb array": rgb,
+        "rgba array": rgba,
+        "gray array": gray,
+        "rgb png": _png(rgb),
+        "gray png": _png(gray),
+        "rgba png": _png(rgba),
+        "LA": Image.fromarray(rgba[..., :2].copy(), "LA"),
+        "P": Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE),
+        "1": Image.fromarray(gray).convert("1"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_eight_bit_sources()))
+def test_eight_bit_images_are_decoded_bit_for_bit_as_before(name):
+    value = _eight_bit_sources()[name]
+    for channels in (1, 3):
+        for res, crop, flip in [
+            (16, (0.5, 0.5), False),
+            (24, (0.2, 0.9), True),
+            (64, (1, 0), False),
+        ]:
+            got = preprocess_pair(value, value, res, conditioning_channels=channels, crop=crop,
+                                  flip=flip)  # fmt: skip
+            want = _old_preprocess(value, value, res, channels, crop, flip)
+            for g, w in zip(got, want):
+                assert g.dtype == w.dtype == np.float32
+                np.testing.assert_array_equal(g, w, err_msg=f"{name} {channels} {res}")
+
+
+def _depth_png(path: Path, width: int = 64, height: int = 16, byteorder: str = "<") -> np.ndarray:
+    """A 16-bit grayscale PNG whose values run 0..65535 across the width."""
+    row = np.linspace(0, 65535, width).round().astype(np.uint16)
+    depth = np.tile(row, (height, 1)).astype(byteorder + "u2")
+    Image.fromarray(depth).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    return depth.astype(np.float64) / 65535
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16bit_png_gradient_survives_training_decoding(tmp_path, channels):
+    """PIL's convert("RGB") clips a 16-bit depth map at 255 (a gradient reads 0, 1, 1, 1...);
+    the decoder divides it by 65535 instead."""
+    want = _depth_png(tmp_path / "depth.png")
+    photo = _gradient(64, 16)
+    _, cond = preprocess_pair(photo, str(tmp_path / "depth.png"), 16, crop=(0.0, 0.0),
+                              conditioning_channels=channels)  # fmt: skip
+    assert cond.shape == (16, 16, channels) and cond.dtype == np.float32
+    # No resize (the shorter side is 16), crop at x = 0: the first 16 columns, unquantised.
+    for c in range(channels):
+        np.testing.assert_allclose(cond[:, :, c], want[:, :16], atol=1e-6)
+    assert np.all(np.diff(cond[0, :, 0]) > 0.015)  # a gradient, not 0, 1, 1, 1...
+    # Resized (bicubic on float planes): still increasing, still in [0, 1].
+    _, small = preprocess_pair(_gradient(128, 32), str(tmp_path / "depth.png"), 8,
+                               conditioning_channels=channels)  # fmt: skip
+    assert np.all(np.diff(small[4, :, 0]) > 0) and 0 <= small.min() and small.max() <= 1
+    # The 16-bit source as the target image too: [-1, 1].
+    pixels, _ = preprocess_pair(str(tmp_path / "depth.png"), photo, 16, crop=(0.0, 0.0))
+    np.testing.assert_allclose(pixels[..., 1], want[:, :16] * 2 - 1, atol=1e-6)
+
+
+def test_image_to_float_scales_every_mode_by_its_own_range(tmp_path):
+    want = _depth_png(tmp_path / "le.png")
+    _depth_png(tmp_path / "be.tiff", byteorder=">")
+    for path in ("le.png", "be.tiff"):
+        got = image_to_float(str(tmp_path / path))
+        assert got.shape == (16, 64, 1) and got.dtype == np.float32
+        np.testing.assert_allclose(got[..., 0], want, atol=1e-7, err_msg=path)
+    np.testing.assert_allclose(image_to_float(str(tmp_path / "le.png"), 3)[..., 2], want,
+                               atol=1e-7)  # fmt: skip
+    u16 = np.random.default_rng(0).integers(0, 65536, (5, 7, 3)).astype(np.uint16)
+    np.testing.assert_array_equal(image_to_float(u16), u16.astype(np.float32) / 65535)
+    np.testing.assert_array_equal(image_to_float(u16[..., 0]), u16[..., :1] / np.float32(65535))
+    gray = image_to_float(u16, 1)[..., 0]  # ITU-R 601 luma, as PIL's convert("L")
+    np.testing.assert_allclose(gray, (u16 / 65535.0) @ [0.299, 0.587, 0.114], atol=1e-6)
+    # Mode "I" (32-bit ints) is read as 16-bit: 0..I_MODE_MAX.
+    ints = np.array([[0, 1000, I_MODE_MAX]], np.int32)
+    np.testing.assert_allclose(image_to_float(Image.fromarray(ints))[0, :, 0],
+                               ints[0] / I_MODE_MAX)  # fmt: skip
+    # Mode "F" and float arrays are taken as [0, 1] already; alpha is dropped.
+    f = np.array([[0.0, 0.25, 1.0]], np.float32)
+    np.testing.assert_array_equal(image_to_float(Image.fromarray(f))[..., 0], f)
+    rgba = np.random.default_rng(1).random((3, 4, 4))
+    np.testing.assert_array_equal(image_to_float(rgba), rgba[..., :3].astype(np.float32))
+    # 8-bit modes: exactly PIL's conversion / 255; gray stays 1 channel, colour 3.
+    u8 = np.random.default_rng(2).integers(0, 256, (6, 5, 4), dtype=np.uint8)
+    for img, channels in [(Image.fromarray(u8), 3), (Image.fromarray(u8[..., :2], "LA"), 1),
+                          (Image.fromarray(u8[..., 0]), 1)]:  # fmt: skip
+        got = image_to_float(img)
+        assert got.shape[-1] == channels
+        want8 = np.asarray(img.convert("L" if channels == 1 else "RGB"), np.float32) / 255.0
+        np.testing.assert_array_equal(got, want8.reshape(got.shape))
+    # A 16-bit source read as 8-bit PIL (decode_image) is rounded, never clipped at 255.
+    eight = np.asarray(decode_image(str(tmp_path / "le.png"), "L"))
+    np.testing.assert_array_equal(eight, np.rint(want * 255).astype(np.uint8))
+
+
+def test_resize_float_keeps_16bit_precision():
+    ramp = np.linspace(0, 1, 512, dtype=np.float32)[None, :, None].repeat(4, 0)
+    out = resize_float(ramp, (4, 1024))
+    assert out.shape == (4, 1024, 1) and out.dtype == np.float32
+    assert len(np.unique(out[0])) > 1000  # a uint8 round trip would leave 256 levels
+    assert 0 <= out.min() and out.max() <= 1
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (np.full((4, 4), np.nan, np.float32), "a float32 array image holds NaN or infinite values"),
+        (np.full((4, 4), np.inf), "a float64 array image holds NaN or infinite values"),
+        (
+            np.full((4, 4), 255.0, np.float32),
+            "a float32 array image holds values in [255, 255]; a float image must lie in [0, 1] "
+            "(pass 8-bit values as uint8, 16-bit as uint16)",
+        ),
+        (
+            np.zeros((4, 4), np.int64),
+            "an array image must be uint8 (0..255), uint16 (0..65535), bool or float in [0, 1]; "
+            "got int64 (its range is ambiguous: convert it to one of those)",
+        ),
+        (
+            np.zeros((4, 4, 5), np.uint16),
+            "an array image must be (H, W) or (H, W, C) with C in 1..4; got shape (4, 4, 5)",
+        ),
+        (
+            Image.fromarray(np.array([[-1, 70000]], np.int32)),
+            "a mode 'I' image holds values in [-1, 70000]; it is read as 16-bit (0..65535), "
+            "so save it as a 16-bit PNG or scale it first",
+        ),
+        (
+            Image.fromarray(np.array([[0.5, 1.5]], np.float32)),
+            "a mode 'F' image holds values in [0.5, 1.5]; a float image must lie in [0, 1] "
+            "(pass 8-bit values as uint8, 16-bit as uint16)",
+        ),
+    ],
+)
+def test_image_values_out_of_their_range_are_refused_naming_the_source(value, message):
+    with pytest.raises(BadSampleError, match=re.escape(f"control image 0: {message}") + "$"):
+        image_to_float(value, 3, source="control image 0")
+    with pytest.raises(
+        BadSampleError, match=r"row 4, conditioning_image \(in-memory \w+\): " + re.escape(message)
+    ):
+        preprocess_pair(_gradient(4, 4), value, 4, row=4)
+
+
+def test_unreadable_file_error_names_the_label_and_path(tmp_path):
+    path = tmp_path / "missing.png"
+    with pytest.raises(BadSampleError) as info:
+        image_to_float(str(path), source="control image 1")
+    assert str(info.value) == (
+        f"control image 1 ({str(path)!r}): not a readable image (FileNotFoundError: file not found)"
+    )
 
 
 # --------------------------------------------------------------------------- loader

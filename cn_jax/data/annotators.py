@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cn_jax.data.transforms import image_to_float
+
 # ---------------------------------------------------------------------------------------------
 # Shapes and dtypes
 # ---------------------------------------------------------------------------------------------
@@ -549,12 +551,37 @@ ANNOTATORS: dict[str, Callable[..., jax.Array]] = {
 takes a PRNG key, which `annotate` makes from its ``seed`` option."""
 
 
-def annotate(name: str, image: np.ndarray, **options: Any) -> np.ndarray:
-    """Run one annotator on one uint8 image, for the ``cn-jax annotate`` command.
+def annotate_input(image: Any) -> np.ndarray:
+    """Any image `annotate` accepts -> uint8 ``(H, W, 1)`` or ``(H, W, 3)``, alpha dropped.
+
+    A uint8 array is kept bit for bit; everything else goes through
+    `transforms.image_to_float` (each source scaled by its own range) and is rounded to 8 bits.
+    """
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim in (2, 3):
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.shape[-1] in (2, 4):  # gray + alpha, RGB + alpha
+            image = image[..., :-1]
+        if image.shape[-1] not in (1, 3):
+            raise ValueError(f"annotate takes 1 to 4 channels; got shape {image.shape}")
+        return image
+    unit = image_to_float(image, source="annotate input")
+    return np.rint(unit * 255).astype(np.uint8)
+
+
+def annotate(name: str, image: Any, **options: Any) -> np.ndarray:
+    """Run one annotator on one image, for the ``cn-jax annotate`` command.
+
+    The annotators work on 8-bit pixels (canny is cv2's 8-bit algorithm), so the image is read
+    by `transforms.image_to_float` on its *own* range and rounded to 8 bits: a 16-bit PNG or
+    a uint16 array is divided by 65535 (never clipped at 255), a float array must lie in
+    [0, 1]. A uint8 array is used as it is.
 
     Args:
       name: a key of `ANNOTATORS`.
-      image: uint8 ``(H, W)`` or ``(H, W, C)`` with C in {1, 3, 4} (alpha is dropped).
+      image: a file path, encoded bytes, a PIL image (any mode: 16-bit "I;16", "P", "RGBA",
+        ...) or an array ``(H, W)`` / ``(H, W, C)`` with C in {1, 2, 3, 4}: uint8, uint16, or
+        float in [0, 1]. Alpha is dropped; gray stays one channel.
       **options: keyword arguments of that annotator, e.g. ``low_threshold=100,
         high_threshold=200`` for canny or ``factor=4`` for tile; ``shuffle`` takes ``seed``
         (int, default 0) instead of a key.
@@ -564,22 +591,13 @@ def annotate(name: str, image: np.ndarray, **options: Any) -> np.ndarray:
       a ControlNet condition image (what the original apps save).
 
     Raises:
-      ValueError: unknown annotator or option, or an image that is not uint8 HW / HWC.
+      ValueError: unknown annotator or option, or an image that cannot be read (a
+        `BadSampleError` naming the file, dtype or range).
     """
     if name not in ANNOTATORS:
         raise ValueError(f"unknown annotator {name!r}; choose from {sorted(ANNOTATORS)}")
     fn = ANNOTATORS[name]
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim not in (2, 3):
-        raise ValueError(
-            f"annotate takes a uint8 (H, W[, C]) image; got {image.dtype} {image.shape}"
-        )
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.shape[-1] == 4:
-        image = image[..., :3]
-    if image.shape[-1] not in (1, 3):
-        raise ValueError(f"annotate takes 1, 3 or 4 channels; got shape {image.shape}")
+    image = annotate_input(image)
 
     options = dict(options)
     args: tuple[Any, ...] = ()

@@ -12,13 +12,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+
+from cn_jax.models.config import Bound, _tuple, check_fields
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+MAX_TRAIN_TIMESTEPS = 100_000  # SD's is 1000; a bound on the schedule arrays' size
 
 # Fields of diffusers scheduler configs that configure a particular sampler,
 # not the noise schedule: accepted in a scheduler_config.json and kept aside.
@@ -51,7 +54,25 @@ class NoiseScheduleConfig:
     rescale_betas_zero_snr: bool = False
     sampler_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
+    # The range of every numeric field (`check_fields`). A beta is a variance fraction: beta 0
+    # at the start would make the first SNR infinite, beta 1 at the end of a (non-rescaled)
+    # schedule a zero alpha; trained betas may reach 1 (zero terminal SNR).
+    bounds: ClassVar[Mapping[str, Bound]] = {
+        "num_train_timesteps": Bound(ge=1, le=MAX_TRAIN_TIMESTEPS),
+        "beta_start": Bound(gt=0, lt=1),
+        "beta_end": Bound(gt=0, lt=1),
+        "trained_betas": Bound(ge=0, le=1),
+        "steps_offset": Bound(ge=0),
+    }
+
     def __post_init__(self):
+        object.__setattr__(self, "trained_betas", _tuple(self.trained_betas))
+        check_fields(self, self.bounds, "scheduler config field")
+        if self.steps_offset >= self.num_train_timesteps:
+            raise ValueError(
+                f"scheduler config field steps_offset={self.steps_offset}: must be < "
+                f"num_train_timesteps={self.num_train_timesteps}"
+            )
         if self.trained_betas is not None:
             object.__setattr__(self, "trained_betas", tuple(float(b) for b in self.trained_betas))
             if len(self.trained_betas) != self.num_train_timesteps:

@@ -29,11 +29,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cn_jax.models.config import strict_config
+from cn_jax.models.config import (
+    CHANNELS,
+    LAYERS,
+    POSITIVE,
+    Bound,
+    check_fields,
+    strict_config,
+)
 from cn_jax.models.layers import Dtype
 from cn_jax.models.presets import preset
 
 HIDDEN_ACTS = ("quick_gelu", "gelu")
+MAX_VOCAB = 1 << 22  # tokens; CLIP's is 49408
+MAX_POSITIONS = 65536  # tokens per prompt; CLIP's is 77
 # transformers >= 5 saves and names CLIPTextModel weights without the
 # `text_model.` prefix; diffusers folders and older transformers use it. Our
 # tree (and so `keymap`) uses the prefixed names; see `canonical_torch_state`.
@@ -96,31 +105,38 @@ class CLIPTextConfig:
     bos_token_id: int | None = 49406
     eos_token_id: int = 49407
 
+    # The range of every numeric field (`check_fields`). Token ids are only >= 0: tiny test
+    # vocabularies keep the default ids of the real one.
+    bounds: ClassVar[Mapping[str, Bound]] = {
+        "vocab_size": Bound(ge=1, le=MAX_VOCAB),
+        "hidden_size": CHANNELS,
+        "intermediate_size": Bound(ge=1, le=4 * CHANNELS.le),
+        "projection_dim": CHANNELS,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": CHANNELS,
+        "max_position_embeddings": Bound(ge=1, le=MAX_POSITIONS),
+        "layer_norm_eps": POSITIVE,
+        "attention_dropout": Bound(ge=0, lt=1),
+        "initializer_range": Bound(ge=0),
+        "initializer_factor": Bound(ge=0),
+        "pad_token_id": Bound(ge=0),
+        "bos_token_id": Bound(ge=0),
+        "eos_token_id": Bound(ge=0),
+    }
+
     def __post_init__(self):
+        if self.initializer_factor is None:
+            object.__setattr__(self, "initializer_factor", 1.0)
+        check_fields(self, self.bounds)
         if self.hidden_act not in HIDDEN_ACTS:
             raise ValueError(
                 f"config field hidden_act={self.hidden_act!r}: supported values are {HIDDEN_ACTS}"
             )
-        for name in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "max_position_embeddings",
-        ):  # fmt: skip
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"config field {name}={value!r} must be a positive int")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"config: hidden_size {self.hidden_size} not divisible by num_attention_heads "
                 f"{self.num_attention_heads}"
             )
-        if not isinstance(self.eos_token_id, int) or isinstance(self.eos_token_id, bool):
-            raise ValueError(
-                f"config field eos_token_id={self.eos_token_id!r}: only a single int is supported"
-            )
-        if not isinstance(self.layer_norm_eps, int | float) or self.layer_norm_eps <= 0:
-            raise ValueError(f"config field layer_norm_eps={self.layer_norm_eps!r} must be > 0")
-        if self.initializer_factor is None:
-            object.__setattr__(self, "initializer_factor", 1.0)
 
     @property
     def head_dim(self) -> int:

@@ -4,13 +4,29 @@ A config read from a file is validated strictly: a field cn_jax does not know
 is an error, and so is a known diffusers field set to a value outside Stable
 Diffusion 1.x/2.x (e.g. SDXL's `addition_embed_type`), instead of silently
 building a different model than the file describes.
+
+Every field is also checked against its annotation and its range (`check_fields`, shared by
+the VAE, CLIP text and noise-schedule configs): `in_channels: "x"` or `true` is refused by
+name and type, a float must be finite (`norm_eps: NaN` is refused), and sizes must lie in
+sane bounds, so `block_out_channels: [1000000000]` is a one-line error naming the field
+instead of an allocation of petabytes. The upper bounds (`MAX_CHANNELS`, `MAX_LAYERS`,
+`MAX_SAMPLE_SIZE`) are far above any released model and far below what would exhaust memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import numbers
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
+
+MAX_CHANNELS = 65536  # widths (channels, hidden sizes, heads): SD's widest is 1280
+MAX_LAYERS = 256  # layers per block / transformer depth: SD's deepest is 23 (OpenCLIP)
+MAX_SAMPLE_SIZE = 16384  # a side in pixels or latents
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -90,6 +106,119 @@ def strict_config(
         raise ValueError(f"{source}: {e}") from None
 
 
+# -- field checks ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """An interval a number (or each entry of a tuple of numbers) must lie in."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def holds(self, x: float) -> bool:
+        return not (
+            (self.ge is not None and x < self.ge)
+            or (self.gt is not None and x <= self.gt)
+            or (self.le is not None and x > self.le)
+            or (self.lt is not None and x >= self.lt)
+        )
+
+    def __str__(self) -> str:
+        lo = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else ""
+        hi = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else ""
+        if lo and hi:
+            return f"in {lo}, {hi}"
+        if lo:
+            return (">= " if lo[0] == "[" else "> ") + lo[1:]
+        return ("<= " if hi[-1] == "]" else "< ") + hi[:-1]
+
+
+POSITIVE = Bound(gt=0)  # a finite number > 0 (epsilons, scales)
+CHANNELS = Bound(ge=1, le=MAX_CHANNELS)
+LAYERS = Bound(ge=1, le=MAX_LAYERS)
+SAMPLE_SIZE = Bound(ge=1, le=MAX_SAMPLE_SIZE)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether `value` has the annotated type (bool is not a number; an int is a float)."""
+    if hint is Any:
+        return True
+    if hint is type(None) or hint is None:
+        return value is None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        return isinstance(value, tuple) and all(_matches(v, args[0]) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if isinstance(origin or hint, type):
+        return isinstance(value, origin or hint)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("NoneType", "None")
+
+
+def _value_type(value: Any) -> str:
+    """``float``, or ``tuple of float, int`` for a tuple: what a type error reports."""
+    if isinstance(value, tuple) and value:
+        return "tuple of " + ", ".join(sorted({type(v).__name__ for v in value}))
+    return type(value).__name__
+
+
+def check_fields(
+    config: Any,
+    bounds: Mapping[str, Bound] = {},
+    what: str = "config field",  # noqa: B006
+) -> None:
+    """Check every dataclass field of `config` against its annotation and `bounds`.
+
+    Types: the value must have the annotated type (lists already turned into tuples); a bool is
+    not accepted for a number, an int is for a float. Every float, alone or in a tuple, must be
+    finite. A field in `bounds` (or each number of its tuple) must lie in its `Bound`; None
+    passes where the annotation allows it.
+
+    Raises:
+      ValueError: one line, ``config field norm_eps=nan: must be a finite number``.
+    """
+    hints = _hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        hint = hints.get(f.name, Any)
+        if not _matches(value, hint):
+            raise ValueError(
+                f"{what} {f.name}={value!r}: expected {_type_name(hint)}, got {_value_type(value)}"
+            )
+        numbers_ = [v for v in (value if isinstance(value, tuple) else (value,))]
+        numbers_ = [v for v in numbers_ if isinstance(v, numbers.Real) and not isinstance(v, bool)]
+        for v in numbers_:
+            if not math.isfinite(v):
+                raise ValueError(f"{what} {f.name}={value!r}: must be a finite number")
+        bound = bounds.get(f.name)
+        if bound is not None:
+            for v in numbers_:
+                if not bound.holds(v):
+                    entry = f" (entry {v!r})" if isinstance(value, tuple) else ""
+                    raise ValueError(f"{what} {f.name}={value!r}: must be {bound}{entry}")
+
+
 def config_to_dict(config, class_name: str) -> dict[str, Any]:
     """A dataclass config as a JSON-ready dict (tuples as lists), `_class_name` first."""
     out: dict[str, Any] = {"_class_name": class_name}
@@ -139,10 +268,35 @@ class EncoderConfig:
     use_linear_projection: bool = False
     upcast_attention: bool = False
 
+    # The range of every numeric field (`check_fields`); subclasses extend it.
+    bounds: ClassVar[Mapping[str, Bound]] = {
+        "in_channels": CHANNELS,
+        "freq_shift": Bound(ge=0),  # and < block_out_channels[0] // 2, checked below
+        "block_out_channels": CHANNELS,
+        "layers_per_block": LAYERS,
+        "downsample_padding": Bound(ge=0, le=1),  # 1, or diffusers' hand padding for 0
+        "mid_block_scale_factor": POSITIVE,
+        "norm_num_groups": CHANNELS,
+        "norm_eps": POSITIVE,
+        "cross_attention_dim": CHANNELS,
+        "transformer_layers_per_block": LAYERS,
+        "attention_head_dim": CHANNELS,
+        "num_attention_heads": CHANNELS,
+    }
+
     def __post_init__(self):
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _tuple(getattr(self, f.name)))
+        check_fields(self, self.bounds)
         n = len(self.block_out_channels)
+        if n == 0:
+            raise ValueError("config field block_out_channels must not be empty")
+        half = self.block_out_channels[0] // 2  # the timestep embedding's frequencies
+        if self.freq_shift >= half:
+            raise ValueError(
+                f"config field freq_shift={self.freq_shift}: must be < block_out_channels[0] // 2"
+                f" = {half} (the timestep embedding divides by their difference)"
+            )
         if len(self.down_block_types) != n:
             raise ValueError(
                 f"config: down_block_types has {len(self.down_block_types)} entries but "
@@ -240,6 +394,12 @@ class UNetConfig(EncoderConfig):
         "CrossAttnUpBlock2D",
     )
 
+    bounds: ClassVar[Mapping[str, Bound]] = {
+        **EncoderConfig.bounds,
+        "sample_size": SAMPLE_SIZE,
+        "out_channels": CHANNELS,
+    }
+
     def __post_init__(self):
         super().__post_init__()
         if len(self.up_block_types) != len(self.block_out_channels):
@@ -275,6 +435,13 @@ class ControlNetConfig(EncoderConfig):
     conditioning_embedding_type: str = "released"
     conditioning_latent_factor: int | None = None  # paper variant only; None: 8
 
+    bounds: ClassVar[Mapping[str, Bound]] = {
+        **EncoderConfig.bounds,
+        "conditioning_channels": CHANNELS,
+        "conditioning_embedding_out_channels": CHANNELS,
+        "conditioning_latent_factor": Bound(ge=1, le=MAX_SAMPLE_SIZE),
+    }
+
     def __post_init__(self):
         super().__post_init__()
         if self.conditioning_embedding_type not in CONDITIONING_EMBEDDING_TYPES:
@@ -290,6 +457,8 @@ class ControlNetConfig(EncoderConfig):
         if self.conditioning_embedding_out_channels is None:
             default = (16, 32, 96, 256) if self.is_released else (16, 32, 64, 128)
             object.__setattr__(self, "conditioning_embedding_out_channels", default)
+        if not self.conditioning_embedding_out_channels:
+            raise ValueError("config field conditioning_embedding_out_channels must not be empty")
         if self.is_released and self.conditioning_latent_factor not in (None, self.latent_factor):
             raise ValueError(
                 f"config: conditioning_latent_factor={self.conditioning_latent_factor} but the "

@@ -25,7 +25,17 @@ import jax
 import jax.numpy as jnp
 
 from cn_jax.kernels import DEFAULT, Kernels
-from cn_jax.models.config import _tuple, config_to_dict, strict_config
+from cn_jax.models.config import (
+    CHANNELS,
+    LAYERS,
+    POSITIVE,
+    SAMPLE_SIZE,
+    Bound,
+    _tuple,
+    check_fields,
+    config_to_dict,
+    strict_config,
+)
 from cn_jax.models.layers import (
     Downsample2D,
     Dtype,
@@ -90,9 +100,23 @@ class AutoencoderKLConfig:
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
 
+    # The range of every numeric field (`check_fields`); the latent-normalisation fields of
+    # other families are fixed below.
+    bounds: ClassVar[Mapping[str, Bound]] = {
+        "in_channels": CHANNELS,
+        "out_channels": CHANNELS,
+        "block_out_channels": CHANNELS,
+        "layers_per_block": LAYERS,
+        "latent_channels": CHANNELS,
+        "norm_num_groups": CHANNELS,
+        "sample_size": SAMPLE_SIZE,
+        "scaling_factor": POSITIVE,
+    }
+
     def __post_init__(self):
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _tuple(getattr(self, f.name)))
+        check_fields(self, self.bounds)
         n = len(self.block_out_channels)
         if n == 0:
             raise ValueError("config field block_out_channels must not be empty")
