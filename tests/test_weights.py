@@ -222,6 +222,19 @@ def test_missing_and_unexpected_keys_are_all_listed(tmp_path):
     assert "1 unexpected keys" in msg and "extra.weight" in msg and str(f) in msg
 
 
+def test_integer_tensor_for_a_float_weight_is_refused(tmp_path):
+    """Issue 21: an int32 tensor where the model has a float weight would load as
+    values up to 1e9; the load names the file, the key and the dtype instead."""
+    folder = _saved(torch_unet("gray"), tmp_path / "unet")
+    f = folder / "diffusion_pytorch_model.safetensors"
+    state = read_safetensors(f)
+    state["conv_in.weight"] = np.full(state["conv_in.weight"].shape, 10**9, np.int32)
+    write_safetensors(f, state)
+    with pytest.raises(WeightFileError, match=r"conv_in.weight: file has int32, model") as e:
+        cn_jax.load_unet(folder)
+    assert str(f) in str(e.value)
+
+
 def test_wrong_shape_names_key_and_shapes(tmp_path):
     folder = _saved(torch_unet("gray"), tmp_path / "unet")
     f = folder / "diffusion_pytorch_model.safetensors"

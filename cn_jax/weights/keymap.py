@@ -92,9 +92,10 @@ def torch_to_flax(
 
     Raises:
       WeightFileError: one message listing every missing, unexpected and
-        mis-shaped key.
+        mis-shaped key, and every integer or bool tensor where the model has a
+        float weight (it would load as values up to 1e9).
     """
-    missing, mis_shaped, used = [], [], set()
+    missing, mis_shaped, mis_typed, used = [], [], [], set()
     flat: dict[tuple[str, ...], np.ndarray] = {}
     for path, spec in _paths(abstract):
         key = torch_key(path)
@@ -108,6 +109,11 @@ def torch_to_flax(
             want = tuple(to_torch_layout(path[-1], np.empty(spec.shape, np.bool_)).shape)
             mis_shaped.append(f"{key}: file has {torch_shape}, model expects {want}")
             continue
+        if jnp.issubdtype(spec.dtype, jnp.floating) and not jnp.issubdtype(
+            value.dtype, jnp.floating
+        ):  # an integer weight would load as huge floats
+            mis_typed.append(f"{key}: file has {value.dtype}, model expects a float")
+            continue
         # One tensor at a time onto the device, waiting for each transfer:
         # async transfers would keep every host copy alive until they ran,
         # i.e. a second full copy of the weights in host memory.
@@ -115,12 +121,13 @@ def torch_to_flax(
         flat[path] = array.block_until_ready()
         del value
     unexpected = sorted(set(state) - used)
-    if missing or unexpected or mis_shaped:
+    if missing or unexpected or mis_shaped or mis_typed:
         lines = [f"{source} does not match the model:"]
         for title, items in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),
             ("mis-shaped keys", mis_shaped),
+            ("keys of a non-float dtype", mis_typed),
         ):
             if items:
                 lines.append(f"  {len(items)} {title}:")
