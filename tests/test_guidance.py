@@ -5,8 +5,9 @@ test_pipeline.py, and through `cn-jax bench sample` in test_bench.py.)"""
 import numpy as np
 import pytest
 
-from cn_jax.diffusion.guidance import control_keep, guess_mode_scales, residual_sizes
+from cn_jax.diffusion.guidance import control_keep
 from cn_jax.models.config import ControlNetConfig
+from cn_jax.models.controlnet import guess_mode_scales, residual_sizes
 
 
 def test_sd15_residual_sizes_and_scales():

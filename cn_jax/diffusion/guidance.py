@@ -12,7 +12,8 @@ sees the same 2B batch (its condition duplicated) and its residuals, scaled by
 its conditioning scale, are summed before entering the UNet. A ControlNet acts
 only inside its guidance window (`control_keep`). In guess mode the ControlNets
 see only the conditional half, the unconditional half gets no residual, and the
-residuals are scaled per resolution (`guess_mode_scales`).
+residuals are scaled per resolution (`models.controlnet.guess_mode_scales`,
+which the ControlNet's own guess mode uses too).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cn_jax.models.controlnet import combine_controlnet_residuals
+from cn_jax.models.controlnet import combine_controlnet_residuals, guess_mode_scales
 
 
 class Control(NamedTuple):
@@ -183,37 +184,3 @@ def control_keep(start: float, end: float, steps: int) -> np.ndarray:
     (i + 1) / steps <= end."""
     i = np.arange(steps)
     return (1.0 - ((i / steps < start) | ((i + 1) / steps > end))).astype(np.float32)
-
-
-def residual_sizes(config, latent_hw: tuple[int, int]) -> list[int]:
-    """Spatial height of each ControlNet residual (skips in UNet order, then mid)."""
-    h = latent_hw[0]
-    n = len(config.block_out_channels)
-    sizes = [h]
-    for b in range(n):
-        sizes += [h] * config.layers_per_block
-        if b < n - 1:
-            h = -(-h // 2)  # stride-2 conv with padding 1: ceil(h / 2)
-            sizes.append(h)
-    return sizes + [h]
-
-
-def guess_mode_scales(kind: str, config, latent_hw: tuple[int, int], strength: float = 1.0):
-    """Per-residual multipliers for guess mode, shallowest skip first, mid last.
-
-    - "diffusers": logspace(-1, 0, 13) (diffusers' ControlNetModel);
-    - "original": strength * 0.825 ** (12 - i) (lllyasviel's gradio apps);
-    - "paper": the paper's CFG resolution weighting w_i = 64 / h_i with h_i the
-      block's spatial size at 512 px, generalised as (latent height) / h_i.
-    """
-    sizes = residual_sizes(config, latent_hw)
-    n = len(sizes)
-    if kind == "diffusers":
-        w = np.logspace(-1.0, 0.0, n)
-    elif kind == "original":
-        w = 0.825 ** (n - 1 - np.arange(n, dtype=np.float64))
-    elif kind == "paper":
-        w = latent_hw[0] / np.asarray(sizes, np.float64)
-    else:
-        raise ValueError(f"guess mode scales {kind!r}: expected diffusers, original or paper")
-    return (strength * w).astype(np.float32)

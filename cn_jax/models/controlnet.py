@@ -109,7 +109,7 @@ class ControlNet(nn.Module):
         (B, h * latent_factor, w * latent_factor, conditioning_channels).
       conditioning_scale: multiplies every residual (control strength).
       guess_mode: diffusers' guess mode scales, logspace(-1, 0, 13) * scale,
-        from the shallowest skip to the mid block.
+        from the shallowest skip to the mid block (`guess_mode_scales`).
 
     Returns:
       (down_residuals, mid_residual): a list of `config.num_down_residuals`
@@ -170,7 +170,7 @@ class ControlNet(nn.Module):
         down = [zc(s) for zc, s in zip(self.controlnet_down_blocks, skips, strict=True)]
         mid = self.controlnet_mid_block(x)
         if guess_mode and not c.global_pool_conditions:
-            scales = jnp.logspace(-1.0, 0.0, len(down) + 1) * conditioning_scale
+            scales = jnp.asarray(guess_mode_scales("diffusers", c, (h, w))) * conditioning_scale
             down = [r * scales[i].astype(r.dtype) for i, r in enumerate(down)]
             mid = mid * scales[-1].astype(mid.dtype)
         else:
@@ -203,6 +203,40 @@ def example_inputs(config: ControlNetConfig, batch: int = 1, latent: int | None 
         jnp.zeros((batch, 1, config.cross_attention_dims[0]), jnp.float32),
         jnp.zeros((batch, latent * f, latent * f, config.conditioning_channels), jnp.float32),
     )
+
+
+def residual_sizes(config, latent_hw: tuple[int, int]) -> list[int]:
+    """Spatial height of each ControlNet residual (skips in UNet order, then mid)."""
+    h = latent_hw[0]
+    n = len(config.block_out_channels)
+    sizes = [h]
+    for b in range(n):
+        sizes += [h] * config.layers_per_block
+        if b < n - 1:
+            h = -(-h // 2)  # stride-2 conv with padding 1: ceil(h / 2)
+            sizes.append(h)
+    return sizes + [h]
+
+
+def guess_mode_scales(kind: str, config, latent_hw: tuple[int, int], strength: float = 1.0):
+    """Per-residual multipliers for guess mode, shallowest skip first, mid last.
+
+    - "diffusers": logspace(-1, 0, 13) (diffusers' ControlNetModel);
+    - "original": strength * 0.825 ** (12 - i) (lllyasviel's gradio apps);
+    - "paper": the paper's CFG resolution weighting w_i = 64 / h_i with h_i the
+      block's spatial size at 512 px, generalised as (latent height) / h_i.
+    """
+    sizes = residual_sizes(config, latent_hw)
+    n = len(sizes)
+    if kind == "diffusers":
+        w = np.logspace(-1.0, 0.0, n)
+    elif kind == "original":
+        w = 0.825 ** (n - 1 - np.arange(n, dtype=np.float64))
+    elif kind == "paper":
+        w = latent_hw[0] / np.asarray(sizes, np.float64)
+    else:
+        raise ValueError(f"guess mode scales {kind!r}: expected diffusers, original or paper")
+    return (strength * w).astype(np.float32)
 
 
 def _path_str(path) -> str:
