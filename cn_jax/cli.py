@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -43,27 +44,34 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _init_controlnet(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import jax
 
     import cn_jax
+    from cn_jax.weights.sd import base_latent_factor, resolve_path
 
-    base = Path(args.base)
+    base = resolve_path(args.base)  # a folder, one checkpoint, or "bundled:tiny"
     if base.is_file():  # one original checkpoint: its UNet, with a named config
         unet, unet_params = _unet_from_single_file(base, args.config, args.allow_pickle)
     else:
         unet, unet_params = cn_jax.load_unet(base, allow_pickle=args.allow_pickle)
-    config = cn_jax.ControlNetConfig.from_unet(
-        unet.config,
-        conditioning_channels=args.conditioning_channels,
-        controlnet_conditioning_channel_order=args.channel_order,
-        conditioning_embedding_type=args.encoder,
-    )
+    factor = base_latent_factor(args.base, args.config)
+    try:  # the condition encoder must downsample to the base's latents
+        config = cn_jax.ControlNetConfig.from_unet(
+            unet.config,
+            conditioning_channels=args.conditioning_channels,
+            controlnet_conditioning_channel_order=args.channel_order,
+            conditioning_embedding_type=args.encoder,
+            latent_factor=factor,
+        )
+    except ValueError as e:
+        raise ValueError(f"{args.base}: no ControlNet for this base: {e}") from None
     params = cn_jax.init_controlnet_from_unet(unet_params, config)
     cn_jax.save_controlnet(args.out, cn_jax.ControlNet(config), params, format="diffusers")
     n = sum(x.size for x in jax.tree_util.tree_leaves(params))
-    print(f"wrote {args.out}: ControlNet ({n / 1e6:.1f}M parameters) initialised from {base}")
+    print(
+        f"wrote {args.out}: ControlNet ({n / 1e6:.1f}M parameters, conditions at {factor}x the "
+        f"latent size) initialised from {args.base}"
+    )
     return 0
 
 
@@ -183,11 +191,14 @@ def _dataset_rows(path: str, rows: int) -> list:
 
 
 def _as_pil(image, size):
+    """A condition as the figure shows it: 8-bit RGB at `size`, from any depth."""
+    import numpy as np
     from PIL import Image
 
-    if not isinstance(image, Image.Image):
-        image = Image.open(image)
-    return image.convert("RGB").resize(size)
+    from cn_jax.data.transforms import image_to_float
+
+    u8 = np.rint(image_to_float(image, 3, source="condition") * 255).astype(np.uint8)
+    return Image.fromarray(u8).resize(size)
 
 
 def _save_rows(rows: list, prompts: list[str], args: argparse.Namespace) -> None:
@@ -239,15 +250,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _annotate(args: argparse.Namespace) -> int:
-    import numpy as np
     from PIL import Image
 
     from cn_jax.data.annotators import annotate
 
-    try:
-        image = np.asarray(Image.open(args.input).convert("RGB"))
-    except OSError as e:
-        raise ValueError(f"{args.input}: not a readable image ({e})") from None
+    image = args.input  # annotate reads it, any depth (16-bit by its own range)
     options = {}
     if args.name == "canny":
         options = {"low_threshold": args.low, "high_threshold": args.high}
@@ -359,7 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
         "init-controlnet", help="a new ControlNet initialised from a base model's UNet"
     )
     init.add_argument(
-        "--base", required=True, help="diffusers pipeline or unet folder, or one checkpoint"
+        "--base",
+        required=True,
+        help="diffusers pipeline or unet folder, one checkpoint, or bundled:tiny",
     )
     init.add_argument("--out", required=True, help="output folder (diffusers format)")
     init.add_argument("--config", default=None, help="named config for a single checkpoint")
@@ -406,23 +415,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The user's errors: what they gave is wrong (a file, a key, a value, a field) or the
+# file system refused. Every cn_jax error for bad input is a ValueError subclass
+# (ConfigError, WeightFileError, DatasetError, NonFiniteLossError, ...). Anything
+# else is our bug and keeps its stack trace.
+USER_ERRORS = (ValueError, OSError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The `cn-jax` command (argv None: this process's command line) or one call of it."""
+    """The `cn-jax` command (argv None: this process's command line) or one call of it.
+
+    Errors that are the user's end in one line, `cn-jax COMMAND: error: ...`, and
+    exit code 2 (`CN_JAX_TRACEBACK=1` shows the stack trace too); an interrupt
+    exits with 130; anything else is a bug and raises with its trace.
+    """
     if argv is None:  # the command itself: start over with huge pages where they help
         from cn_jax import runtime
 
         runtime.reexec_with_hugepages()
         runtime.configure_host()  # the program owns the process: its caches may be dropped
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `section.key=value` overrides may sit anywhere among the options.
+    if extra and hasattr(args, "overrides") and all(_is_override(e) for e in extra):
+        args.overrides = [*(args.overrides or []), *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "command", None) == "sample" and args.scale is None:
         args.scale = [1.0]
-    from cn_jax.weights.errors import WeightFileError
-
     try:
         return args.func(args)
-    except (WeightFileError, ValueError, FileNotFoundError) as e:
-        print(f"cn-jax {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if os.environ.get("CN_JAX_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"cn-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"cn-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _is_override(arg: str) -> bool:
+    return not arg.startswith("-") and "=" in arg
+
+
+def _one_line(e: BaseException) -> str:
+    """The error's message (its own lines kept: a listing of bad keys), or its type
+    where it has none; OS errors as 'path: reason'."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from cn_jax.data.transforms import decode_planes, planes_to_array
 from cn_jax.diffusion.guidance import (
     Control,
     control_keep,
@@ -37,6 +39,7 @@ from cn_jax.diffusion.guidance import (
     encode_prompts,
 )
 from cn_jax.diffusion.samplers import make_sampler
+from cn_jax.kernels import Kernels
 from cn_jax.models.controlnet import ControlNet
 from cn_jax.train import sharding as shd
 
@@ -80,9 +83,20 @@ class ControlNetPipeline:
     or from a loaded `StableDiffusion` bundle and `(ControlNet, params)` pairs.
     """
 
-    def __init__(self, sd, controlnets: Sequence[tuple[ControlNet, Any]], dtype=jnp.float32):
+    def __init__(
+        self,
+        sd,
+        controlnets: Sequence[tuple[ControlNet, Any]],
+        dtype=jnp.float32,
+        kernels: Kernels | None = None,
+    ):
+        """`kernels`: the attention and convolution kernels (`cn_jax.Kernels`) for the
+        UNet, VAE and ControlNets; None keeps each module's own."""
         if sd.tokenizer is None:
             raise ValueError("the base model has no tokenizer: pass tokenizer=<tokenizer folder>")
+        if kernels is not None:
+            sd = sd.with_kernels(kernels)
+            controlnets = [(c.clone(kernels=kernels), p) for c, p in controlnets]
         self.sd = sd
         self.dtype = jnp.dtype(dtype)
         self.unet = sd.unet.clone(dtype=self.dtype)
@@ -116,9 +130,11 @@ class ControlNetPipeline:
         base_config: str | None = None,
         tokenizer: str | os.PathLike | None = None,
         allow_pickle: bool = False,
+        kernels: Kernels | None = None,
     ) -> ControlNetPipeline:
         """Load a base model (diffusers folder or one checkpoint + `base_config`)
-        and one ControlNet path or a list of them."""
+        and one ControlNet path or a list of them. `kernels` (default: `Kernels()`
+        settled for this backend) computes attention and convolutions."""
         from cn_jax.weights.folders import load_controlnet
         from cn_jax.weights.sd import load_pipeline
 
@@ -127,7 +143,8 @@ class ControlNetPipeline:
         )
         paths = [controlnet] if isinstance(controlnet, str | os.PathLike) else list(controlnet)
         nets = [load_controlnet(p, allow_pickle=allow_pickle) for p in paths]
-        return cls(sd, nets, dtype=dtype)
+        kernels = Kernels().for_platform() if kernels is None else kernels
+        return cls(sd, nets, dtype=dtype, kernels=kernels)
 
     # -- a call: prepare, run the program, convert ----------------------------------
     def __call__(self, prompt: str | Sequence[str], image: Any = None, *,
@@ -183,14 +200,18 @@ class ControlNetPipeline:
             or "paper" (64 / h_i at the block's spatial size).
         """
         n_nets = len(self.controlnets)
+        _check_number("guidance_scale", guidance_scale)
+        _check_number("num_inference_steps", num_inference_steps, low=1, integer=True)
+        _check_number("num_images_per_prompt", num_images_per_prompt, low=1, integer=True)
+        _check_number("seed", seed, low=0, high=MAX_SEED, integer=True)
         prompts, negatives = _prompt_lists(prompt, negative_prompt)
         images = self._control_images(image)
         h, w = self._output_size(images, height, width)
         batch = len(prompts) * num_images_per_prompt
         conds = [self._condition(img, i, (h, w)) for i, img in enumerate(images)]
         sampler = make_sampler(scheduler, self.sd.schedule, num_inference_steps)
-        starts = _per_net(control_guidance_start, n_nets, "control_guidance_start")
-        ends = _per_net(control_guidance_end, n_nets, "control_guidance_end")
+        starts = _per_net(control_guidance_start, n_nets, "control_guidance_start", 0.0, 1.0)
+        ends = _per_net(control_guidance_end, n_nets, "control_guidance_end", 0.0, 1.0)
         keep = [control_keep(s, e, len(sampler)) for s, e in zip(starts, ends)]
         scales = _per_net(controlnet_conditioning_scale, n_nets, "controlnet_conditioning_scale")
         noise = self._initial_noise(latents, seed, (batch, h, w))
@@ -276,31 +297,26 @@ class ControlNetPipeline:
     def _condition(self, image, index: int, size: tuple[int, int] | None) -> np.ndarray:
         """One control image -> float32 (H, W, C) in [0, 1] at `size` (H, W)."""
         channels = self.controlnets[index].config.conditioning_channels
-        if isinstance(image, str | os.PathLike):
-            try:
-                image = Image.open(image)
-                image.load()
-            except (OSError, ValueError) as e:
-                raise ValueError(f"control image {image}: not a readable image ({e})") from None
-        if isinstance(image, Image.Image):
-            image = image.convert("L" if channels == 1 else "RGB")
-            arr = np.asarray(image, np.float32) / 255.0
-        else:
-            arr = np.asarray(image, np.float32)
-            if arr.max(initial=0.0) > 1.0:  # uint8-style values
-                arr = arr / 255.0
-        if arr.ndim == 2:
-            arr = arr[..., None]
-        if arr.ndim != 3 or arr.shape[-1] != channels:
-            raise ValueError(
-                f"control image {index} has shape {arr.shape}; ControlNet {index} expects "
+        want = channels if channels in (1, 3) else None
+
+        def wrong_shape(shape) -> ValueError:
+            return ValueError(
+                f"control image {index} has shape {tuple(shape)}; ControlNet {index} expects "
                 f"(H, W, {channels})"
             )
-        if size is not None and arr.shape[:2] != size:
-            u8 = np.clip(np.rint(arr * 255), 0, 255).astype(np.uint8)
-            pil = Image.fromarray(u8[..., 0] if channels == 1 else u8)
-            arr = np.asarray(pil.resize((size[1], size[0]), Image.LANCZOS), np.float32) / 255.0
-            arr = arr[..., None] if arr.ndim == 2 else arr
+
+        if not isinstance(image, str | os.PathLike | Image.Image):  # an array: as given
+            shape = np.shape(image)
+            if len(shape) not in (2, 3) or (shape[-1] if len(shape) == 3 else 1) != channels:
+                raise wrong_shape(shape)
+        # Each source scaled by its own range (uint8 / 255, 16-bit / 65535, float as is).
+        planes, scale = decode_planes(image, want, source=f"control image {index}")
+        if size is not None and planes[0].size != (size[1], size[0]):
+            planes = [p.resize((size[1], size[0]), Image.LANCZOS) for p in planes]
+        arr = planes_to_array(planes, scale, want) / np.float32(scale)
+        arr = arr[..., None] if arr.ndim == 2 else arr
+        if arr.shape[-1] != channels:
+            raise wrong_shape(arr.shape)
         return arr
 
     def _output_size(self, images: list, height, width) -> tuple[int, int]:
@@ -355,8 +371,29 @@ def _prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str]]:
     return prompts, negatives
 
 
-def _per_net(value, n: int, name: str) -> list[float]:
-    values = [float(value)] * n if np.isscalar(value) else [float(v) for v in value]
+MAX_SEED = 2**32 - 1  # PRNGKey keeps 32 bits: larger seeds would repeat smaller ones
+
+
+def _check_number(name: str, value, low=None, high=None, integer: bool = False) -> None:
+    """Refuse a non-finite, non-numeric or out-of-range option, by name (a NaN scale
+    would otherwise give black images, a NaN guidance no guidance at all)."""
+    ok = isinstance(value, int | float | np.number) and not isinstance(value, bool)
+    if ok and not isinstance(value, int | np.integer):  # Python ints are exact, any size
+        ok = math.isfinite(value) and (not integer or float(value).is_integer())
+    ok = ok and (low is None or value >= low) and (high is None or value <= high)
+    if not ok:
+        kind = "an integer" if integer else "a finite number"
+        if low is not None and high is not None:
+            bounds = f" in [{low}, {high}]"
+        else:
+            bounds = f" >= {low}" if low is not None else f" <= {high}" if high is not None else ""
+        raise ValueError(f"{name}={value!r}: expected {kind}{bounds}")
+
+
+def _per_net(value, n: int, name: str, low=None, high=None) -> list[float]:
+    values = [value] * n if np.isscalar(value) else list(value)
     if len(values) != n:
         raise ValueError(f"{name}: {len(values)} values for {n} ControlNets")
-    return values
+    for v in values:
+        _check_number(name, v, low, high)
+    return [float(v) for v in values]

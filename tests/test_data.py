@@ -356,6 +356,11 @@ def test_malformed_datasets_name_the_problem(tmp_path):
     )
     with pytest.raises(DatasetError, match=r"line 2 \(row 1\) is not JSON"):
         open_dataset(bad)
+    (bad / "prompt.json").write_bytes(  # issue 21: Latin-1, not UTF-8, on line 2
+        b'{"source": "s.png", "target": "t.png", "prompt": "x"}\n{"prompt": "caf\xe9"}\n'
+    )
+    with pytest.raises(DatasetError, match=r"prompt.json: line 2 \(row 1\) is not UTF-8"):
+        open_dataset(bad)
     (bad / "prompt.json").write_text('{"source": "s.png", "prompt": "x"}\n')
     with pytest.raises(DatasetError, match=r"row 0 .*'target'"):
         open_dataset(bad)

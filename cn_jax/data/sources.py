@@ -188,8 +188,15 @@ def resolve_inside(root: str, value: Any, where: str) -> str:
 def _read_json_lines(index: Path) -> Iterator[tuple[int, int, dict]]:
     """Yield (row, line number, object) for each non-blank line of a JSON-lines file."""
     row = 0
-    with open(index, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(index, "rb") as f:  # decoded line by line: an error names its line
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DatasetError(
+                    f"{index}: line {lineno} (row {row}) is not UTF-8 text: byte "
+                    f"{raw[e.start : e.start + 1]!r} at column {e.start + 1}"
+                ) from None
             if not line.strip():
                 continue
             try:

@@ -503,10 +503,24 @@ class ControlNetConfig(EncoderConfig):
         conditioning_embedding_type: str = "released",
         conditioning_latent_factor: int | None = None,
         global_pool_conditions: bool = False,
+        latent_factor: int | None = None,
     ) -> ControlNetConfig:
-        """A ControlNet config whose encoder copies `unet_config` (diffusers' `from_unet`)."""
+        """A ControlNet config whose encoder copies `unet_config` (diffusers' `from_unet`).
+
+        `latent_factor`: the base's pixels per latent (its VAE's; 1 in pixel space).
+        Given, the condition encoder is built to downsample by exactly that much (the
+        released encoder's widths (16, 32, 96, 256) cut to log2(factor) + 1, the
+        paper's `conditioning_latent_factor`), or a ValueError says why it cannot.
+        """
+        if latent_factor is not None:
+            if conditioning_embedding_type == "released":
+                n = latent_factor.bit_length()  # log2(factor) + 1 for a power of two
+                if conditioning_embedding_out_channels is None and 1 <= n <= 4:
+                    conditioning_embedding_out_channels = (16, 32, 96, 256)[:n]
+            elif conditioning_latent_factor is None:
+                conditioning_latent_factor = latent_factor
         shared = {f.name: getattr(unet_config, f.name) for f in dataclasses.fields(EncoderConfig)}
-        return cls(
+        config = cls(
             **shared,
             conditioning_channels=conditioning_channels,
             controlnet_conditioning_channel_order=controlnet_conditioning_channel_order,
@@ -515,3 +529,11 @@ class ControlNetConfig(EncoderConfig):
             conditioning_latent_factor=conditioning_latent_factor,
             global_pool_conditions=global_pool_conditions,
         )
+        if latent_factor is not None and config.latent_factor != latent_factor:
+            raise ValueError(
+                f"the {conditioning_embedding_type} condition encoder downsamples by "
+                f"{config.latent_factor}, the base model's latents are {latent_factor} pixels "
+                "apart (a power of two up to 8 for the released encoder; the paper's takes any "
+                "power of two its widths allow)"
+            )
+        return config

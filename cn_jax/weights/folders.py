@@ -359,6 +359,8 @@ def _torch_state(params: Any, dtype) -> dict[str, np.ndarray]:
 
 
 def _write_folder(path: Path, config_dict: dict, state: dict[str, np.ndarray]) -> None:
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file; the diffusers format writes a folder there")
     path.mkdir(parents=True, exist_ok=True)
     config_dict = {**config_dict, "_diffusers_version": DIFFUSERS_COMPAT_VERSION}
     write_safetensors(path / f"{WEIGHTS_NAME}.safetensors", state, metadata={"format": "pt"})
@@ -406,6 +408,8 @@ def save_controlnet(
     elif format == "original":
         if path.suffix != ".safetensors":
             raise ValueError(f"format='original' writes one .safetensors file; got {path}")
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; the original format writes one file there")
         path.parent.mkdir(parents=True, exist_ok=True)
         out = original.diffusers_to_original(state, cnet.config.layers_per_block)
         config_json = json.dumps(cnet.config.to_dict())

@@ -223,6 +223,29 @@ def _load_folder(path, dtype, param_dtype, variant, allow_pickle, tokenizer) -> 
     )
 
 
+def base_latent_factor(path: str | os.PathLike, config: str | Mapping | None = None) -> int:
+    """Pixels per latent of the base model at `path`, from its configs alone (no weights):
+    1 for a pipeline folder without a VAE (a pixel-space model), else its VAE's
+    factor; a single checkpoint's from its named `config`; a bare UNet folder's is
+    unknown, and SD's 8 is assumed (its VAE's)."""
+    folder = resolve_path(path)
+    if folder.is_file():  # one checkpoint: its configs are `config`'s
+        if config is None:
+            return 8
+        if isinstance(config, str) and Path(config).is_dir():
+            folder = Path(config)
+        else:
+            configs = config if isinstance(config, Mapping) else preset(config)
+            vae = configs.get("vae")
+            return 1 if vae is None else AutoencoderKLConfig.from_dict(vae, "vae").latent_factor
+    if not (folder / "model_index.json").is_file():
+        return 8
+    if _is_null(_read_json(folder / "model_index.json").get("vae", "missing")):
+        return 1
+    vae_cfg_file = _config_file(folder / "vae", CONFIG_NAME)
+    return AutoencoderKLConfig.from_dict(_read_json(vae_cfg_file), str(vae_cfg_file)).latent_factor
+
+
 def _is_null(entry: Any) -> bool:
     """A model_index.json component entry that is absent by design: [null, null]."""
     return isinstance(entry, list) and all(v is None for v in entry)
