@@ -3,6 +3,7 @@ a real SIGKILL in the middle of a save, and the errors."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -23,7 +24,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from cn_jax.train.checkpoint import Checkpointer
+from cn_jax.train.checkpoint import Checkpointer, UnreadableCheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's marker for a step not yet finalised
@@ -391,3 +392,88 @@ def test_save_rejects_bad_input(tmp_path):
         with pytest.raises(ValueError, match="max_to_keep"):
             Checkpointer(tmp_path / "other", max_to_keep=0)
         assert ck.all_steps() == [5]
+
+
+# -- unreadable steps -----------------------------------------------------------------------------
+
+
+def _delete_arrays(step_dir: Path) -> list[Path]:
+    """Deletes the array data files of one step (what "an array file deleted" does)."""
+    files = [p for p in (step_dir / "state" / "d").iterdir() if p.is_file()]
+    for p in files:
+        p.unlink()
+    return files
+
+
+def test_restore_latest_skips_an_unreadable_newest_step(tmp_path, caplog, capfd):
+    states = {s: _full_state(s) for s in (2, 4, 6)}
+    with Checkpointer(tmp_path / "ck", max_to_keep=None) as ck:
+        for s, state in states.items():
+            ck.save(s, state, {"step": s})
+    gone = _delete_arrays(tmp_path / "ck" / "6")
+    capfd.readouterr()
+    with Checkpointer(tmp_path / "ck", max_to_keep=None) as ck:
+        # Read by step, the damaged one is one error naming the step and the file.
+        with pytest.raises(UnreadableCheckpointError) as e:
+            ck.restore(6, _zeros(states[6]))
+        assert str(e.value).startswith(f"checkpoint step 6 in {tmp_path / 'ck'} does not restore: ")
+        assert "\n" not in str(e.value) and "tensorstore_spec" not in str(e.value)
+        assert any(p.name in str(e.value) for p in gone)
+
+        with caplog.at_level(logging.WARNING, logger="cn_jax.train.checkpoint"):
+            step, got, meta = ck.restore_latest(_zeros(states[4]))
+        assert step == 4 and meta == {"step": 4}
+        _assert_bit_exact(got, states[4])
+        # Set aside, not deleted: the run saves step 6 again.
+        assert ck.all_steps() == [2, 4]
+        assert (tmp_path / "ck" / "6.unreadable" / "state").is_dir()
+        ck.save(6, states[6], {"step": 6})
+        ck.wait()
+        _assert_bit_exact(ck.restore(6, _zeros(states[6]))[0], states[6])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all("\n" not in w for w in warnings)
+    assert warnings[0].startswith(f"checkpoint step 6 in {tmp_path / 'ck'} does not restore: ")
+    assert warnings[0].endswith("; trying an older one")
+    assert any(p.name in warnings[0] for p in gone)
+    assert warnings[1] == (
+        f"resuming from step 4 of {tmp_path / 'ck'}; set aside unreadable step(s) 6 as "
+        "<step>.unreadable"
+    )
+    # Orbax's reads still in flight when the step failed print nothing.
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_restore_latest_names_every_step_when_none_restores(tmp_path):
+    state = {"w": jnp.arange(4.0)}
+    with Checkpointer(tmp_path / "ck") as ck:
+        ck.save(1, state, {})
+        ck.save(2, state, {})
+    gone = _delete_arrays(tmp_path / "ck" / "2")
+    (tmp_path / "ck" / "1" / "state" / "_METADATA").unlink()
+    with Checkpointer(tmp_path / "ck") as ck:
+        with pytest.raises(UnreadableCheckpointError) as e:
+            ck.restore_latest(_zeros(state))
+        lines = str(e.value).splitlines()
+        assert lines[0] == f"no checkpoint in {tmp_path / 'ck'} restores:"
+        assert lines[1].startswith("  step 2: NOT_FOUND: ")
+        assert any(p.name in lines[1] for p in gone)
+        assert lines[2] == "  step 1: no array metadata in state/"
+        assert len(lines) == 3
+        assert ck.all_steps() == [1, 2]  # nothing set aside when nothing restores
+    with Checkpointer(tmp_path / "empty") as ck:
+        with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+            ck.restore_latest(_zeros(state))
+
+
+def test_read_only_reads_meta_and_writes_nothing(tmp_path):
+    with Checkpointer(tmp_path / "ck") as ck:
+        ck.save(3, {"w": jnp.zeros(2)}, {"config": {"a": 1}})
+    (tmp_path / "ck" / f"4{TMP_SUFFIX}").mkdir()  # a killed save: the writer would delete it
+    with Checkpointer(tmp_path / "ck", read_only=True) as ck:
+        assert ck.restore_meta() == {"config": {"a": 1}}
+        with pytest.raises(ValueError, match="opened read-only"):
+            ck.save(5, {"w": jnp.zeros(2)}, {})
+    assert (tmp_path / "ck" / f"4{TMP_SUFFIX}").is_dir()
+    with Checkpointer(tmp_path / "absent", read_only=True) as ck:
+        assert ck.all_steps() == []
+    assert not (tmp_path / "absent").exists()

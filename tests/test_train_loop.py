@@ -1,7 +1,10 @@
 """`cn-jax train` end to end on the tiny config: outputs, resume exactness, NaN
-stop, export to diffusers, bad config, and 2 processes x 2 devices == 1 x 4."""
+stop, export to diffusers, refused and damaged resumes, bad config, and
+2 processes x 2 devices == 1 x 4."""
 
+import hashlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -40,6 +43,25 @@ def _overrides(data, **kw):
     }
     base.update(kw)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def _files(root: Path) -> dict[str, str]:
+    """Every file under `root` with a hash of its bytes."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _damage(step_dir: Path) -> None:
+    """Deletes a checkpoint step's array files, as a disk or a user might."""
+    for p in (step_dir / "state" / "d").iterdir():
+        p.unlink()
+
+
+def _logged_steps(path: Path) -> list[int]:
+    return [json.loads(x)["step"] for x in path.read_text().splitlines()]
 
 
 def _params(workdir, step=None):
@@ -82,6 +104,21 @@ def test_run_outputs_and_resume_is_bit_exact(data, tmp_path):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert any(np.any(a[k]) for k in a if k.startswith("controlnet_down_blocks"))
 
+    # The newest checkpoint damaged after steps 3 and 4 were logged: the resume
+    # trains them again from step 2, logs each step once, and ends where the
+    # straight run did.
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(straight, damaged, ignore=shutil.ignore_patterns("export_*"))
+    _damage(damaged / "checkpoints" / "4")
+    train(load_config(TINY, _overrides(data, **val)), damaged, progress=False)
+    assert _logged_steps(damaged / "metrics.jsonl") == [1, 2, 3, 4]
+    assert (damaged / "checkpoints" / "4.unreadable").is_dir()
+    c = _params(damaged)
+    for k in a:
+        np.testing.assert_array_equal(a[k], c[k], err_msg=k)
+
 
 @pytest.mark.slow  # whole training runs; the fast tier trains one (export_cli)
 def test_nan_loss_stops_and_keeps_checkpoints(data, tmp_path):
@@ -92,7 +129,7 @@ def test_nan_loss_stops_and_keeps_checkpoints(data, tmp_path):
             "train.checkpoint_every": 1, "train.max_steps": 6,
         }),
     )  # fmt: skip
-    with pytest.raises(NonFiniteLossError, match="is intact"):
+    with pytest.raises(NonFiniteLossError, match=r"^training stopped at step \d+: loss=.*intact"):
         train(cfg, tmp_path / "run", progress=False)
     ckpt = Checkpointer(tmp_path / "run" / "checkpoints")
     steps = ckpt.all_steps()
@@ -101,7 +138,10 @@ def test_nan_loss_stops_and_keeps_checkpoints(data, tmp_path):
     _params(tmp_path / "run", steps[-1])  # the last saved checkpoint still loads
 
 
-def test_export_cli_loads_in_diffusers(data, tmp_path):
+def test_export_cli_loads_in_diffusers(data, tmp_path, capsys, caplog):
+    """Train, export, load in diffusers; then later commands on the finished run
+    (none of which trains a step): a refused resume writes nothing, a damaged
+    newest checkpoint falls back to the older one, none readable is one error."""
     run = tmp_path / "run"
     cli = ["train", "--config", str(TINY), "--workdir", str(run), *_overrides(data)]
     assert main(cli) == 0
@@ -113,6 +153,38 @@ def test_export_cli_loads_in_diffusers(data, tmp_path):
         assert torch.equal(state[k], torch.from_numpy(v)), k
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "o.safetensors"),
                  "--format", "original"]) == 0  # fmt: skip
+
+    # Another base and conditioning: refused by name before anything is written.
+    before = _files(run)
+    capsys.readouterr()
+    assert main([*cli, "model.base=bundled:tiny", "model.conditioning_channels=1"]) == 2
+    err = capsys.readouterr().err
+    assert f"cn-jax train: error: cannot resume {run}: these settings differ from its " in err
+    assert '\n  model.base: null -> "bundled:tiny"\n  model.conditioning_channels: 3 -> 1\n' in err
+    assert _files(run) == before  # config.yaml byte for byte, model/, metrics, checkpoints
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "cn2")]) == 0
+
+    # Step 4's arrays deleted: resumed from step 2 (max_steps=2, allowed, trains
+    # nothing), step 4 set aside, metrics.jsonl cut back to step 2.
+    _damage(run / "checkpoints" / "4")
+    with caplog.at_level(logging.WARNING, logger="cn_jax.train.checkpoint"):
+        assert main([*cli, "train.max_steps=2"]) == 0
+    skipped = [r.getMessage() for r in caplog.records if "does not restore" in r.getMessage()]
+    assert len(skipped) == 1 and skipped[0].startswith(f"checkpoint step 4 in {run}")
+    assert (run / "checkpoints" / "4.unreadable").is_dir()
+    assert _logged_steps(run / "metrics.jsonl") == [1, 2]
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "cn3")]) == 0
+    assert "from step 2 of" in capsys.readouterr().out
+
+    # No checkpoint restores: one error naming each, and the run is left as it was.
+    _damage(run / "checkpoints" / "2")
+    before = _files(run)
+    assert main(cli) == 2
+    err = capsys.readouterr().err
+    where = run / "checkpoints"
+    assert f"cn-jax train: error: no checkpoint in {where} restores:\n  step 2: " in err
+    assert "Traceback" not in err
+    assert _files(run) == before
 
 
 def test_unknown_config_key_is_named(tmp_path):

@@ -24,18 +24,31 @@ donates its state); a background thread writes and finalises. The next `save`,
 `restore` or `close` first waits for it, and an error in the background write
 is raised there (or by `wait`).
 
+Unreadable steps: `restore_latest` restores the newest step that reads back
+(a step with an array file deleted, say), logs one line for each newer step it
+skips, and sets those aside as `<step>.unreadable/` (kept for inspection, no
+longer a step), so the resumed run can save those step numbers again. Only when
+no step restores does it raise, naming the directory and each step's reason.
+
 Multi-host: every process constructs the `Checkpointer` and calls `save`,
 `restore`, `wait` and `close` in the same order with the same arguments, on a
 directory all processes see (GCS, NFS). Orbax synchronises the processes and
 splits the work itself: each process writes and reads only its own shards,
 the primary process creates directories, writes the JSON and the commit
-marker and renames. There is no per-process branching here.
+marker and renames. The one per-process branch here is `restore_latest`'s:
+the processes agree on the step to restore (one that fails anywhere is
+skipped everywhere), the primary sets the skipped steps aside, the others wait.
+That path is tested in one process only.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,6 +61,60 @@ PyTree = Any
 
 STATE = "state"  # orbax item names, i.e. the sub-directories of a step
 META = "meta"
+UNREADABLE = ".unreadable"  # suffix of a step set aside by `restore_latest`
+
+log = logging.getLogger(__name__)
+
+
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint step (or every step in a directory) does not restore; the
+    message names the directory, the step(s) and why (`reason`, one line)."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
+
+
+def _reason(e: BaseException) -> str:
+    """One line for an exception from a restore.
+
+    TensorStore's messages carry the whole JSON spec of the store they failed
+    to open (`[tensorstore_spec='{...}']`, a thousand characters); the part
+    before it names the array and the missing file."""
+    text = re.sub(r"\s*\[tensorstore_spec=.*", "", str(e), flags=re.S)
+    text = " ".join(text.split()) or type(e).__name__
+    return text if len(text) <= 1000 else text[:997] + "..."
+
+
+class _QuietClosedLoop:
+    """Drops the "Event loop is closed" RuntimeErrors that a failed orbax
+    restore leaves behind while it is active.
+
+    When one array of a step fails to read, orbax's `asyncio.run` closes its
+    loop while other reads are still in flight; their completion callbacks
+    then post to the closed loop, and Python prints each as a traceback
+    (through sys.unraisablehook) although the error itself is handled. They
+    fire while the failed call unwinds (measured), so the hook stays 50 ms
+    longer after a failure. Every other unraisable exception goes
+    to the previous hook."""
+
+    def __enter__(self):
+        self._previous = sys.unraisablehook
+        sys.unraisablehook = self._hook
+        return self
+
+    def _hook(self, unraisable) -> None:
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        self._previous(unraisable)
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            # A failed read's sibling reads may finish a moment after the error
+            # surfaces; on local disk within a millisecond.
+            time.sleep(0.05)
+        sys.unraisablehook = self._previous
 
 
 def _key_name(key: Any) -> str:
@@ -81,6 +148,15 @@ def _is_prng_key(x: Any) -> bool:
     return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
+def _everywhere(ok: bool) -> bool:
+    """True when `ok` holds on every process (just `ok` in a single process)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 def _abstract_leaf(path: str, x: Any) -> Any:
     """What orbax needs to restore one leaf: shape, dtype and sharding."""
     if _is_prng_key(x):
@@ -108,22 +184,33 @@ class Checkpointer:
         finalised. None keeps all.
       async_save: write in a background thread; `save` returns once the arrays
         are off the devices.
+      read_only: only read: the directory is neither created nor cleaned of
+        unfinished saves, and `save` raises. For looking at a run before
+        deciding to write to it.
 
     Use as a context manager, or call `close()`, so the last save finishes.
     """
 
-    def __init__(self, directory, max_to_keep: int | None = 3, async_save: bool = True):
+    def __init__(
+        self,
+        directory,
+        max_to_keep: int | None = 3,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be None or >= 1, got {max_to_keep}")
         directory = os.fspath(directory)
         # Orbax wants absolute paths; URLs (gs://...) pass through.
         self.directory = directory if "://" in directory else os.path.abspath(directory)
         self._existed = epath.Path(self.directory).exists()
+        self._read_only = read_only
+        # Not orbax's own `read_only` option: that logs a warning on every open.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,  # drop what a killed save left behind
-            create=True,
+            max_to_keep=None if read_only else max_to_keep,
+            enable_async_checkpointing=async_save and not read_only,
+            cleanup_tmp_directories=not read_only,  # drop what a killed save left behind
+            create=not read_only,
         )
         # Handlers registered up front (not inferred at the first save), so a
         # manager opened on an existing directory can read metadata and restore.
@@ -169,6 +256,8 @@ class Checkpointer:
           TypeError: `meta` is not JSON-serialisable, or a leaf is a typed key.
         """
         step = int(step)
+        if self._read_only:
+            raise ValueError(f"cannot save step {step}: {self.directory} was opened read-only")
         latest = self.latest_step()
         if latest is not None and step <= latest:
             raise ValueError(
@@ -215,40 +304,135 @@ class Checkpointer:
           FileNotFoundError: no checkpoint (or not that step) in the directory.
           ValueError: `target`'s structure or a shape differs from the saved
             one; names the first differing path and both shapes.
+          UnreadableCheckpointError: the step's files do not read back (one
+            deleted or damaged); names the step and the first failure.
         """
+        step = self._existing_step(step)
+        abstract = jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(target),
+            [_abstract_leaf(p, x) for p, x in _flat(target).items()],
+        )
+        self._check_matches(step, abstract)
+        restored = self._read(
+            step,
+            {STATE: ocp.args.StandardRestore(abstract), META: ocp.args.JsonRestore()},
+        )
+        return restored[STATE], dict(restored[META] or {})
+
+    def restore_meta(self, step: int | None = None) -> dict:
+        """The JSON dict saved with `step` (None: the latest), without its arrays.
+
+        Raises:
+          FileNotFoundError: no checkpoint (or not that step) in the directory.
+          UnreadableCheckpointError: the step's meta does not read back.
+        """
+        step = self._existing_step(step)
+        return dict(self._read(step, {META: ocp.args.JsonRestore()})[META] or {})
+
+    def restore_latest(self, target: PyTree) -> tuple[int, PyTree, dict]:
+        """The newest step that restores, as `(step, state, meta)`.
+
+        A newer step that does not restore (a file deleted or damaged, a shape
+        that differs) is skipped with one warning line naming it and why, and
+        set aside as `<step>.unreadable/` in the directory: no longer a step,
+        so the resumed run can save that step again, but kept for inspection.
+
+        Raises:
+          FileNotFoundError: the directory holds no checkpoint.
+          UnreadableCheckpointError: no step restores; names the directory and
+            each step's reason. Nothing is set aside then.
+        """
+        self._manager.wait_until_finished()
+        steps = self.all_steps()
+        if not steps:
+            self._existing_step(None)  # raises FileNotFoundError
+        skipped: dict[int, str] = {}
+        for step in reversed(steps):
+            try:
+                state, meta = self.restore(step, target)
+                error = None
+            except Exception as e:  # any failure of this step: try an older one
+                reason = e.reason if isinstance(e, UnreadableCheckpointError) else _reason(e)
+                state, meta, error = None, None, reason
+            # All processes take the same step, even if only one failed to read.
+            if _everywhere(error is None):
+                break
+            skipped[step] = error or "another process could not restore it"
+            older = "; trying an older one" if step != steps[0] else ""
+            log.warning(
+                "checkpoint step %d in %s does not restore: %s%s",
+                step, self.directory, skipped[step], older,
+            )  # fmt: skip
+        else:
+            lines = "".join(f"\n  step {s}: {why}" for s, why in skipped.items())
+            raise UnreadableCheckpointError(f"no checkpoint in {self.directory} restores:{lines}")
+        if skipped:
+            self._set_aside(sorted(skipped))
+            log.warning(
+                "resuming from step %d of %s; set aside unreadable step(s) %s as <step>%s",
+                step, self.directory, ", ".join(map(str, sorted(skipped))), UNREADABLE,
+            )  # fmt: skip
+        return step, state, meta
+
+    def _existing_step(self, step: int | None) -> int:
+        """`step` (None: the latest) after the save in flight, if it is in the directory."""
         self._manager.wait_until_finished()  # a step still being written is not readable
         steps = self.all_steps()
         if not steps:
             why = "" if self._existed else " (the directory did not exist)"
             raise FileNotFoundError(f"no checkpoint in {self.directory}{why}")
         if step is None:
-            step = steps[-1]
+            return steps[-1]
         if int(step) not in steps:
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self.directory}; steps there: {steps}"
             )
-        step = int(step)
-        abstract = jax.tree_util.tree_unflatten(
-            jax.tree_util.tree_structure(target),
-            [_abstract_leaf(p, x) for p, x in _flat(target).items()],
+        return int(step)
+
+    def _read(self, step: int, items: dict) -> Any:
+        """Orbax's restore of `items`; its failures become one UnreadableCheckpointError."""
+        try:
+            with _QuietClosedLoop():
+                return self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:
+            raise self._unreadable(step, _reason(e)) from e
+
+    def _unreadable(self, step: int, reason: str) -> UnreadableCheckpointError:
+        return UnreadableCheckpointError(
+            f"checkpoint step {step} in {self.directory} does not restore: {reason}", reason
         )
-        self._check_matches(step, abstract)
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **{STATE: ocp.args.StandardRestore(abstract), META: ocp.args.JsonRestore()}
-            ),
-        )
-        return restored[STATE], dict(restored[META] or {})
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames each step's directory to `<step>.unreadable` (a free name), then
+        re-lists the steps. The primary process renames; the others wait."""
+        if jax.process_index() == 0:
+            root = epath.Path(self.directory)
+            for step in steps:
+                dest, n = root / f"{step}{UNREADABLE}", 1
+                while dest.exists():
+                    n += 1
+                    dest = root / f"{step}{UNREADABLE}-{n}"
+                (root / str(step)).rename(dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("cn_jax.checkpoint.set_aside")
+        self._manager.reload()
 
     def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
         """Path -> shape of every array saved at `step`, from orbax's metadata."""
         try:
-            items = self._manager.metadata(step).item_metadata
-        except (AttributeError, TypeError):  # orbax before StepMetadata
-            items = self._manager.item_metadata(step)
-        tree = items[STATE]
+            with _QuietClosedLoop():  # reading the metadata opens every array
+                try:
+                    items = self._manager.metadata(step).item_metadata
+                except (AttributeError, TypeError):  # orbax before StepMetadata
+                    items = self._manager.item_metadata(step)
+            tree = items[STATE] if items is not None and STATE in items else None
+        except Exception as e:
+            raise self._unreadable(step, _reason(e)) from e
         tree = getattr(tree, "tree", tree)  # TreeMetadata wraps the tree in newer orbax
+        if not tree:  # its _METADATA file is gone: orbax returns None
+            raise self._unreadable(step, f"no array metadata in {STATE}/")
         return {p: tuple(getattr(m, "shape", ()) or ()) for p, m in _flat(tree).items()}
 
     def _check_matches(self, step: int, abstract: PyTree) -> None:

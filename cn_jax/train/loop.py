@@ -5,6 +5,11 @@ trainable / frozen -> create or restore the state -> data -> compile the step
 ahead of time -> loop (progress bar, TensorBoard scalars, checkpoints,
 validation grids), stopping cleanly on a NaN/Inf loss without touching what
 was saved.
+
+Resuming (the same command on the same workdir) is checked against the config
+the checkpoints were trained with before anything is written
+(cn_jax.train.resume), restores the newest checkpoint that reads back, and
+cuts metrics.jsonl / eval.jsonl back to the restored step.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from cn_jax.config import Config, dump_config
+from cn_jax.config import Config, TrainConfig, dump_config
 from cn_jax.diffusion.schedule import NoiseScheduleConfig
 from cn_jax.kernels import Kernels
 from cn_jax.models.config import ControlNetConfig
@@ -28,6 +33,7 @@ from cn_jax.models.controlnet import ControlNet, init_controlnet_from_unet
 from cn_jax.runtime import release_after_setup, release_host_memory
 from cn_jax.train import sharding as shd
 from cn_jax.train.checkpoint import Checkpointer
+from cn_jax.train.resume import check_resume, cut_log
 from cn_jax.train.state import (
     TrainState,
     group_labels,
@@ -41,8 +47,40 @@ from cn_jax.train.step import StepModels, make_train_step
 log = logging.getLogger("cn_jax.train")
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or Inf; the run stopped before saving anything."""
+class NonFiniteLossError(ValueError):
+    """The loss or gradient norm became NaN or Inf; the run stopped before saving
+    that step. A user error (a ValueError, as ConfigError is): the message names
+    the step, the values, the intact checkpoint and the settings to try."""
+
+
+def check_finite(
+    metrics: dict[str, float], step: int, latest_checkpoint: int | None, tc: TrainConfig
+) -> None:
+    """Raises NonFiniteLossError, one line, when a fetched metric is NaN or Inf."""
+    if all(math.isfinite(v) for v in metrics.values()):
+        return
+    values = " ".join(f"{k}={metrics[k]}" for k in ("loss", "grad_norm") if k in metrics)
+    lr = f"a lower train.learning_rate (now {tc.learning_rate:g})"
+    others = [
+        "train.max_grad_norm=1.0 (now null)"
+        if tc.max_grad_norm is None
+        else f"a lower train.max_grad_norm (now {tc.max_grad_norm:g})"
+    ]
+    if tc.precision == "bfloat16":
+        others.append("train.precision=float32")
+    if latest_checkpoint is None:
+        saved = "no checkpoint was saved before it"
+        advice = f"Try {lr}, or {' or '.join(others)}."
+    else:  # a resume may change the learning rate only (resume.SAFE_TO_CHANGE)
+        saved = f"checkpoint step {latest_checkpoint} is intact"
+        advice = (
+            f"Try {lr}: resuming (the same command) may change it; "
+            f"{' or '.join(others)} needs a new --workdir."
+        )
+    raise NonFiniteLossError(
+        f"training stopped at step {step}: {values} is not finite; nothing was saved for "
+        f"this step and {saved}. {advice}"
+    )
 
 
 # -- models -----------------------------------------------------------------------
@@ -139,7 +177,6 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
     from cn_jax.tokenizer import tokenize
 
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     tc = config.train
 
     # == Set up processes and mesh ==
@@ -150,13 +187,15 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
         raise ValueError(
             f"train.batch_size={tc.batch_size} must be divisible by the {mesh.size} devices"
         )
-    if proc == 0:
-        dump_config(config, workdir / "config.yaml")
+    if config.data.path is None:
+        raise ValueError("data.path is not set: point it at a dataset folder")
+    # A resume may change only what is safe (resume.SAFE_TO_CHANGE). Checked before
+    # anything is written, so a refused command leaves a finished run exportable.
+    check_resume(workdir, config)
+    workdir.mkdir(parents=True, exist_ok=True)
 
     # == Create models; split what trains from what is frozen ==
     models, params, sd = build(config)
-    if proc == 0:
-        _write_model_configs(workdir, models)
     labels = labels_for(params, tc.trainable)
     trainable, frozen = split(params, labels)
     del params
@@ -173,7 +212,7 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
     state = jax.jit(create, out_shardings=state_sh)(trainable)
     del trainable
 
-    # == Restore the latest checkpoint, if any ==
+    # == Restore the newest checkpoint that reads back, if any ==
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=tc.max_to_keep)
     data_position = None
     if ckpt.latest_step() is not None:
@@ -182,17 +221,28 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
             abstract_state,
             state_sh,
         )
-        state, meta = ckpt.restore(None, target)
+        try:
+            _, state, meta = ckpt.restore_latest(target)  # newer unreadable steps: set aside
+        except BaseException:
+            ckpt.close()
+            raise
         data_position = meta.get("data_position")
         log.info("resumed from step %d", int(state.step))
     start_step = int(state.step)
+
+    # == Describe the run: after the restore, so a failed resume changed nothing ==
+    if proc == 0:
+        dump_config(config, workdir / "config.yaml")
+        _write_model_configs(workdir, models)
+        # The steps after the restored one are trained and logged again: each step
+        # once in the logs. Step 0 is evaluated again only when starting over.
+        cut_log(workdir / "metrics.jsonl", lambda s: s <= start_step)
+        cut_log(workdir / "eval.jsonl", lambda s: 0 < start_step and s <= start_step)
     # The set-up's freed host buffers and its traced weight-init programs; nothing
     # is compiled yet that a later step needs (cn_jax.runtime).
     release_after_setup()
 
     # == Data ==
-    if config.data.path is None:
-        raise ValueError("data.path is not set: point it at a dataset folder")
     dataset = open_dataset(
         config.data.path,
         format=config.data.format,
@@ -269,13 +319,7 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
             if done % tc.log_every == 0 or done == tc.max_steps or done % tc.checkpoint_every == 0:
                 # Host sync only here: the device runs ahead between logs.
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not all(math.isfinite(v) for v in m.values()):
-                    raise NonFiniteLossError(
-                        f"step {done}: loss={m['loss']} grad_norm={m['grad_norm']}: stopping. "
-                        f"Nothing was saved for this step; the latest checkpoint "
-                        f"({ckpt.latest_step()}) is intact. Lower train.learning_rate or "
-                        "use train.max_grad_norm."
-                    )
+                check_finite(m, done, ckpt.latest_step(), tc)
                 now = time.perf_counter()
                 m["samples_per_s"] = tc.batch_size * (done - step_last) / max(now - t_last, 1e-9)
                 m["data_wait_s"] = loader.wait_seconds
