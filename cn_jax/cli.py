@@ -95,6 +95,9 @@ def _train(args: argparse.Namespace) -> int:
     from cn_jax.train.loop import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # A library imported earlier (absl, orbax) may have configured the root logger at
+    # WARNING already, which makes basicConfig a no-op: our INFO lines still show.
+    logging.getLogger("cn_jax").setLevel(logging.INFO)
     config = load_config(args.config, args.overrides)
     last = train(config, args.workdir)
     if last:

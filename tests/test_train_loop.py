@@ -206,17 +206,28 @@ def test_unknown_config_key_is_named(tmp_path):
     assert main(["train", "--config", str(bad), "--workdir", str(tmp_path / "w")]) == 2
 
 
-def test_bad_sample_stops_with_the_file_named(data, tmp_path):
+def test_bad_sample_stops_with_the_file_named(data, tmp_path, monkeypatch):
+    """Issue 21: a dataset whose images cannot be read fails on its first rows, before
+    the models are built (tens of seconds at SD size) and before anything is written."""
     import shutil
+
+    from cn_jax.data import BadSampleError
+    from cn_jax.train import loop
 
     copy = tmp_path / "data"
     shutil.copytree(data, copy)
-    # Every target corrupt: the very first batch fails, before any compile.
     for f in (copy / "target").iterdir():
         f.write_bytes(b"not a png")
-    cfg = load_config(TINY, _overrides(copy))
-    with pytest.raises(Exception, match=r"target/\d+\.png"):
-        train(cfg, tmp_path / "run", progress=False)
+
+    def build(config):
+        raise AssertionError("the models were built before the data was checked")
+
+    monkeypatch.setattr(loop, "build", build)
+    for on_bad in ("error", "skip"):  # skip: every first row bad is still an error
+        cfg = load_config(TINY, _overrides(copy, **{"data.on_bad_sample": on_bad}))
+        with pytest.raises(BadSampleError, match=r"target/\d+\.png"):
+            train(cfg, tmp_path / "run", progress=False)
+        assert not (tmp_path / "run").exists()
 
 
 def _free_port() -> int:

@@ -510,6 +510,38 @@ class Loader:
                     f.cancel()
 
 
+def check_first_rows(
+    dataset: Any,
+    resolution: int,
+    conditioning_channels: int = 3,
+    on_bad_sample: str = "error",
+    rows: int = 4,
+) -> None:
+    """Decode the first `rows` samples as training will (centre crop, no flip), so a
+    dataset whose images cannot be read fails in a second, before minutes of model
+    set-up. With `on_bad_sample="error"` the first bad row raises its
+    `BadSampleError`; with "skip" only rows that are all bad do (training skips some).
+    """
+    errors = []
+    n = min(rows, len(dataset))
+    for index in range(n):
+        try:
+            try:
+                record = dataset[index]
+            except Exception as e:  # e.g. a datasets.Image column failing to decode
+                raise BadSampleError(f"row {index}: cannot read the record: {e}") from e
+            preprocess_pair(
+                record["image"], record["conditioning_image"], resolution,
+                conditioning_channels=conditioning_channels, row=index,
+            )  # fmt: skip
+        except BadSampleError as e:
+            if on_bad_sample == "error":
+                raise
+            errors.append(e)
+    if n and len(errors) == n:
+        raise BadSampleError(f"none of the first {n} samples can be decoded: {errors[0]}")
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)

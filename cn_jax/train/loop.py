@@ -104,22 +104,15 @@ def load_base(config: Config, dtype):
 
 
 def controlnet_config(config: Config, unet_config, latent_factor: int) -> ControlNetConfig:
-    """The ControlNet for this base: released encoder widths truncated to the
-    latent factor (1 width per factor of 2, plus one), or the paper's encoder."""
+    """The ControlNet for this base: its condition encoder (`model.conditioning_embedding`)
+    downsampling to the base's latents (`ControlNetConfig.from_unet(latent_factor=)`)."""
     m = config.model
-    widths = None
-    if m.conditioning_embedding == "released" and latent_factor != 8:
-        n = int(math.log2(latent_factor)) + 1
-        widths = (16, 32, 96, 256)[:n] if n <= 4 else None
     return ControlNetConfig.from_unet(
         unet_config,
         conditioning_channels=m.conditioning_channels,
         controlnet_conditioning_channel_order=m.conditioning_channel_order,
-        conditioning_embedding_out_channels=widths,
         conditioning_embedding_type=m.conditioning_embedding,
-        conditioning_latent_factor=None
-        if m.conditioning_embedding == "released"
-        else latent_factor,
+        latent_factor=latent_factor,
     )
 
 
@@ -174,6 +167,7 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
     calls the set-up's weight-init programs again).
     """
     from cn_jax.data import Loader, open_dataset
+    from cn_jax.data.loader import check_first_rows
     from cn_jax.tokenizer import tokenize
 
     workdir = Path(workdir)
@@ -192,6 +186,19 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
     # A resume may change only what is safe (resume.SAFE_TO_CHANGE). Checked before
     # anything is written, so a refused command leaves a finished run exportable.
     check_resume(workdir, config)
+
+    # == Data: opened, and its first rows decoded, before minutes of model set-up ==
+    dataset = open_dataset(
+        config.data.path,
+        format=config.data.format,
+        image_column=config.data.image_column,
+        conditioning_image_column=config.data.conditioning_image_column,
+        caption_column=config.data.caption_column,
+    )
+    check_first_rows(
+        dataset, config.data.resolution, config.model.conditioning_channels,
+        config.data.on_bad_sample,
+    )  # fmt: skip
     workdir.mkdir(parents=True, exist_ok=True)
 
     # == Create models; split what trains from what is frozen ==
@@ -243,13 +250,6 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
     release_after_setup()
 
     # == Data ==
-    dataset = open_dataset(
-        config.data.path,
-        format=config.data.format,
-        image_column=config.data.image_column,
-        conditioning_image_column=config.data.conditioning_image_column,
-        caption_column=config.data.caption_column,
-    )
     max_len = sd.text_encoder.config.max_position_embeddings
     cache = None
     if config.data.cache_latents:
