@@ -133,3 +133,20 @@ def test_make_encoder_needs_the_kernels():
     a caller cannot silently build it with the default."""
     with pytest.raises(TypeError, match="kernels"):
         unet_mod.make_encoder(UCFG, jnp.float32, jnp.float32, False)
+
+
+def test_random_init_lowers_on_the_host_whatever_the_models_kernels():
+    """Issue 22: random weights are initialised by a program compiled for the host CPU
+    (weights.sd._init), also on a GPU box, where a bfloat16 model's kernels are cuDNN's.
+    cuDNN attention has no CPU lowering: the init runs with XLA's kernels (the values
+    do not depend on them)."""
+    from cn_jax.weights.sd import _init
+
+    inputs = _model_inputs("unet")
+    cudnn = UNet(UCFG, dtype=jnp.bfloat16, kernels=Kernels("cudnn", "xla", "gpu"))
+    with pytest.raises(Exception, match="(?i)cudnn|gpu|platform"):  # the check can fail
+        jax.jit(cudnn.init)(jax.random.key(0), *inputs)
+    params = _init(cudnn, jax.random.key(0), inputs)
+    want = UNet(UCFG, dtype=jnp.bfloat16).init(jax.random.key(0), *inputs)["params"]
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

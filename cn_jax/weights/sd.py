@@ -457,6 +457,10 @@ def _init(module, key, inputs) -> Any:
     its first local device: the accelerator's compiler is far slower for this one-off
     program (on an H200 with jax 0.11 small programs took minutes), and the values are
     the same (threefry is exact)."""
+    # The values do not depend on the kernels; the program must lower where it is
+    # compiled (cuDNN attention, chosen for a GPU, has no CPU lowering).
+    if hasattr(module, "kernels"):
+        module = module.clone(kernels=Kernels("xla", "xla"))
     init = _jitted_init(module)
     if jax.default_backend() == "cpu":
         return init(key, *inputs)["params"]
