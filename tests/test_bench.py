@@ -362,7 +362,7 @@ def test_flops_count_the_tiled_kernels_loops_in_full(monkeypatch):
     the figure does not drop with the tile size; the compiled step itself does loop."""
     from cn_jax.bench.train import TrainBench
     from cn_jax.config import load_config
-    from cn_jax.models import attention as attn
+    from cn_jax.kernels import tiled_attention as attn
 
     def bench(impl, conv="xla"):
         overrides = [f"model.attention={impl}", f"model.convolution={conv}"]
