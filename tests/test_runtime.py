@@ -303,3 +303,32 @@ def test_cli_restarts_itself_with_huge_pages(opt_out):
     assert ("transparent huge pages" in line) == expected, line
     if runtime.hugepage_env({**_clean_env(), "JAX_PLATFORMS": "cpu"}) is not None:
         assert expected != opt_out  # on this machine the test tells the two apart
+
+
+# -- the persistent compilation cache -------------------------------------------------
+
+
+def test_compilation_cache_dir_follows_the_users_choice(tmp_path):
+    home = {"XDG_CACHE_HOME": str(tmp_path)}
+    assert runtime.compilation_cache_dir(home) == tmp_path / "cn_jax" / "jax_cache"
+    assert runtime.compilation_cache_dir({**home, "CN_JAX_COMPILATION_CACHE": "/x/y"}) == (
+        runtime.Path("/x/y")
+    )
+    assert runtime.compilation_cache_dir({**home, "CN_JAX_COMPILATION_CACHE": "0"}) is None
+    assert runtime.compilation_cache_dir({**home, "JAX_COMPILATION_CACHE_DIR": "/j"}) is None
+
+
+def test_configure_host_turns_the_persistent_cache_on(tmp_path):
+    """Issue 22: `cn-jax train` / `sample` (every command: configure_host) keep compiled
+    programs on disk, under the user's cache folder unless they chose another."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION")}
+    env.update(XDG_CACHE_HOME=str(tmp_path), JAX_PLATFORMS="cpu")
+    code = (
+        "import jax, cn_jax; cn_jax.runtime.configure_host(); "
+        "print(jax.config.jax_compilation_cache_dir)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(tmp_path / "cn_jax" / "jax_cache")
