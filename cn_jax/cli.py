@@ -91,13 +91,13 @@ def _unet_from_single_file(path, config, allow_pickle):
 def _train(args: argparse.Namespace) -> int:
     import logging
 
+    # Before the library's imports, one of which (absl, via orbax) would otherwise
+    # install its own root handler first; INFO for cn_jax's lines only.
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("cn_jax").setLevel(logging.INFO)
     from cn_jax.config import load_config
     from cn_jax.train.loop import train
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    # A library imported earlier (absl, orbax) may have configured the root logger at
-    # WARNING already, which makes basicConfig a no-op: our INFO lines still show.
-    logging.getLogger("cn_jax").setLevel(logging.INFO)
     config = load_config(args.config, args.overrides)
     last = train(config, args.workdir)
     if last:

@@ -416,9 +416,10 @@ def _evaluate(evaluator, state, frozen, step, workdir: Path, writer, bar, proc) 
         f"eval step {step}: iou={result['iou']:.3f} colour={result['colour_adherence']:.2f} "
         f"roundness={result['roundness']:.3f} ({result['seconds']:.1f}s)"
     )
-    log.info(line)
-    if bar is not None:
+    if bar is not None:  # above the progress bar, which a log line would break
         bar.write(line)
+    else:
+        log.info(line)
 
 
 def _validate(config, models, state, frozen, sd, dataset, workdir, step) -> None:
