@@ -9,7 +9,7 @@ import pytest
 
 from cn_jax.config import load_config
 from cn_jax.train import sharding as shd
-from cn_jax.train.loop import build
+from cn_jax.train.loop import build, compute_dtype
 from cn_jax.train.state import (
     TrainState,
     group_labels,
@@ -59,7 +59,7 @@ def _compiled(trainable, grad_accum, devices, fsdp, train_items):
     train = dict(train_items)
     config, models, params, sd = _setup(trainable, **train)
     labels = labels_for(params, trainable)
-    tr, frozen = split(params, labels)
+    tr, frozen = split(params, labels, frozen_dtype=compute_dtype(config))  # as loop.train
     tx = make_optimizer(config.train, group_labels(tr, labels))
     state = TrainState.create(tr, tx, ema=config.train.ema_decay is not None)
     step = make_train_step(
@@ -227,6 +227,33 @@ def test_merge_inverts_split():
     _, _, params, _ = _setup()
     tr, fr = split(params, labels_for(params, "controlnet"))
     assert _leaves(merge(tr, fr)).keys() == _leaves(params).keys()
+
+
+def test_bfloat16_training_stores_frozen_weights_in_bfloat16():
+    """Issue 22: with `train.precision: bfloat16` the frozen weights (UNet, VAE, text
+    encoder) are stored in bfloat16, half their float32 memory and no cast a step; the
+    trained copy, and so the optimizer state, stays float32. Integer leaves and
+    shape-only trees (the benches' `eval_shape`) follow the same rule."""
+    _, _, params, _ = _setup()
+    labels = labels_for(params, "controlnet")
+    tr, fr = split(params, labels, frozen_dtype=jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(fr)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(tr)} == {jnp.dtype(jnp.float32)}
+    f32 = split(params, labels)[1]
+    for a, b in zip(jax.tree.leaves(fr), jax.tree.leaves(f32)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b.astype(jnp.bfloat16)))
+    shapes = jax.eval_shape(lambda: params)
+    assert jax.tree.leaves(split(shapes, labels, jnp.bfloat16)[1])[0].dtype == jnp.bfloat16
+    ints = {"unet": {"step": jnp.zeros((), jnp.int32)}}
+    assert split(ints, {"unet/step": "frozen"}, jnp.bfloat16)[1]["unet"]["step"].dtype == jnp.int32
+
+
+@pytest.mark.slow  # a bfloat16 train step compile
+def test_a_bfloat16_step_trains_on_bfloat16_frozen_weights():
+    state, frozen, _, _, losses = _run(precision="bfloat16")
+    assert np.isfinite(losses).all() and losses[1] != losses[0]
+    assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
 
 
 @pytest.mark.slow  # a train step compile each; the fast tier keeps the frozen/trainable split

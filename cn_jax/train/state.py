@@ -84,12 +84,27 @@ def labels_for(params: Mapping, trainable: str) -> dict[str, str]:
     return labels
 
 
-def split(params: Mapping, labels: Mapping[str, str]) -> tuple[dict, dict]:
-    """(trainable, frozen) trees; each holds only its own leaves."""
+def split(
+    params: Mapping, labels: Mapping[str, str], frozen_dtype=None
+) -> tuple[dict, dict]:
+    """(trainable, frozen) trees; each holds only its own leaves.
+
+    `frozen_dtype` (e.g. bfloat16 in bfloat16 training): the frozen floating-point
+    leaves are stored in it, half the memory of float32 and no cast in the step,
+    while the trained leaves (and so the optimizer state) keep theirs. Leaves may
+    be arrays or `jax.ShapeDtypeStruct`s."""
     flat = _flatten(params)
     trainable = {k: v for k, v in flat.items() if labels[k] != FROZEN}
-    frozen = {k: v for k, v in flat.items() if labels[k] == FROZEN}
+    frozen = {k: _stored_as(v, frozen_dtype) for k, v in flat.items() if labels[k] == FROZEN}
     return _unflatten(trainable), _unflatten(frozen)
+
+
+def _stored_as(leaf, dtype):
+    if dtype is None or leaf.dtype == dtype or not jnp.issubdtype(leaf.dtype, jnp.floating):
+        return leaf
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=leaf.sharding)
+    return leaf.astype(dtype)
 
 
 def merge(trainable: Mapping, frozen: Mapping) -> dict:
