@@ -36,7 +36,9 @@ def _convert(args: argparse.Namespace) -> int:
 
     import cn_jax
 
-    cnet, params = cn_jax.load_controlnet(args.input, allow_pickle=args.allow_pickle)
+    cnet, params = cn_jax.load_controlnet(
+        args.input, allow_pickle=args.allow_pickle, revision=args.revision
+    )
     dtype = jnp.dtype(args.dtype) if args.dtype else None
     cn_jax.save_controlnet(args.output, cnet, params, format=args.format, dtype=dtype)
     print(f"wrote {args.output} ({args.format})")
@@ -49,12 +51,19 @@ def _init_controlnet(args: argparse.Namespace) -> int:
     import cn_jax
     from cn_jax.weights.sd import base_latent_factor, resolve_path
 
-    base = resolve_path(args.base)  # a folder, one checkpoint, or "bundled:tiny"
+    # A folder, one checkpoint, "bundled:tiny", or a Hub repo id (its UNet's files and
+    # the configs that give the latent factor are fetched).
+    base = resolve_path(
+        args.base, "unet", revision=args.revision, variant=args.variant,
+        allow_pickle=args.allow_pickle,
+    )  # fmt: skip
     if base.is_file():  # one original checkpoint: its UNet, with a named config
         unet, unet_params = _unet_from_single_file(base, args.config, args.allow_pickle)
     else:
-        unet, unet_params = cn_jax.load_unet(base, allow_pickle=args.allow_pickle)
-    factor = base_latent_factor(args.base, args.config)
+        unet, unet_params = cn_jax.load_unet(
+            base, variant=args.variant, allow_pickle=args.allow_pickle
+        )
+    factor = base_latent_factor(base, args.config)
     try:  # the condition encoder must downsample to the base's latents
         config = cn_jax.ControlNetConfig.from_unet(
             unet.config,
@@ -139,8 +148,9 @@ def _sample(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"[1/3] loading {args.base} + {len(nets)} ControlNet(s)", flush=True)
     pipe = ControlNetPipeline.from_pretrained(
-        args.base, nets, base_config=args.base_config, tokenizer=args.tokenizer
-    )
+        args.base, nets, base_config=args.base_config, tokenizer=args.tokenizer,
+        revision=args.revision, variant=args.variant,
+    )  # fmt: skip
     base = ControlNetPipeline(pipe.sd, []) if args.compare_base else None
     scales = args.scale or [1.0]
     options = dict(
@@ -281,7 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print versions and devices").set_defaults(func=_info)
     conv = sub.add_parser("convert", help="convert a ControlNet between file layouts")
-    conv.add_argument("input", help="diffusers folder or .safetensors (diffusers or original keys)")
+    conv.add_argument(
+        "input",
+        help="diffusers folder or .safetensors (diffusers or original keys), or a Hub repo id",
+    )
+    conv.add_argument("--revision", default=None, help="Hub branch, tag or commit of the input")
     conv.add_argument("output", help="folder (diffusers) or .safetensors file (original)")
     conv.add_argument("--format", choices=("diffusers", "original"), default="diffusers")
     conv.add_argument("--dtype", choices=DTYPES, default=None, help="cast the saved weights")
@@ -309,10 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_export)
 
     sm = sub.add_parser("sample", help="generate images with one or more ControlNets")
-    sm.add_argument("--base", required=True, help="diffusers pipeline folder or one checkpoint")
+    sm.add_argument(
+        "--base", required=True,
+        help="diffusers pipeline folder, one checkpoint, or a Hub repo id (org/name)",
+    )  # fmt: skip
+    sm.add_argument("--revision", default=None, help="Hub branch, tag or commit of --base")
+    sm.add_argument("--variant", default=None, help="weight variant of --base, e.g. fp16")
     sm.add_argument("--base-config", default=None, help="named config of a single-file base")
     sm.add_argument("--tokenizer", default=None, help="tokenizer folder (single-file bases)")
-    sm.add_argument("--controlnet", action="append", help="repeat for several; none: base alone")
+    sm.add_argument(
+        "--controlnet", action="append",
+        help="folder, file or Hub repo id; repeat for several; none: base alone",
+    )  # fmt: skip
     sm.add_argument("--image", action="append", help="one per --controlnet")
     sm.add_argument("--prompt", default=None)
     sm.add_argument(
@@ -371,8 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument(
         "--base",
         required=True,
-        help="diffusers pipeline or unet folder, one checkpoint, or bundled:tiny",
+        help="diffusers pipeline or unet folder, one checkpoint, bundled:tiny, or a Hub repo id",
     )
+    init.add_argument("--revision", default=None, help="Hub branch, tag or commit of --base")
+    init.add_argument("--variant", default=None, help="weight variant of --base, e.g. fp16")
     init.add_argument("--out", required=True, help="output folder (diffusers format)")
     init.add_argument("--config", default=None, help="named config for a single checkpoint")
     init.add_argument("--conditioning-channels", type=int, default=3)

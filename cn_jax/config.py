@@ -52,12 +52,20 @@ class ModelConfig(_Section):
 
     # A diffusers pipeline folder, one original checkpoint, or "bundled:tiny"
     # (the trained 32 px demo base shipped in the package). None: random
-    # weights of `architecture` (benchmarks, tests).
+    # weights of `architecture` (benchmarks, tests). Every model path here may also be a
+    # Hugging Face Hub repo id, "org/name" (or "org/name/file.safetensors" for one file),
+    # fetched into the Hugging Face cache (HF_HUB_OFFLINE=1: the cache only); a local path
+    # that exists wins.
     base: str | None = None
+    revision: str | None = None  # Hub branch, tag or commit of `base`; None: main
+    # Weight variant of `base`, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors; a
+    # component without it: its plain weights); None: the plain weights, else the fp16 ones.
+    variant: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$")
     base_config: str | None = None  # named config of a single-file base: sd15 | sd21
     architecture: str = "tiny"  # for random bases: tiny | sd15 | sd21
     tokenizer: str | None = None  # tokenizer folder; default: the base's (or bundled tiny one)
     controlnet: str | None = None  # continue from this ControlNet; None: copy of the base UNet
+    controlnet_revision: str | None = None  # Hub branch, tag or commit of `controlnet`
     conditioning_channels: int = Field(3, ge=1, le=MAX_CHANNELS)
     conditioning_embedding: Literal["released", "paper"] = "released"
     conditioning_channel_order: Literal["rgb", "bgr"] = "rgb"
@@ -66,9 +74,10 @@ class ModelConfig(_Section):
     # base from scratch with zero terminal SNR. The export writes the result.
     scheduler: dict[str, Any] | None = None
     # Attention kernel (cn_jax.kernels.attention): auto = cuDNN flash attention on GPU in
-    # bfloat16/float16 where the head size allows, our cache-tiled kernel on CPU, XLA
-    # elsewhere; xla | cudnn | tiled force one.
-    attention: Literal["auto", "xla", "cudnn", "tiled"] = "auto"
+    # bfloat16/float16 where the head size allows, Pallas flash attention on TPU where its
+    # tiles fit, our cache-tiled kernel on CPU, XLA elsewhere; xla | cudnn | tiled | pallas
+    # force one.
+    attention: Literal["auto", "xla", "cudnn", "tiled", "pallas"] = "auto"
     # Convolution kernel (cn_jax.kernels.convolution): auto = XLA's on accelerators; on CPU
     # one matrix product over the gathered taps (im2col) for 1x1 convolutions and small
     # images, XLA's above; xla | im2col force one.

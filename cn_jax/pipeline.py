@@ -131,16 +131,25 @@ class ControlNetPipeline:
         tokenizer: str | os.PathLike | None = None,
         allow_pickle: bool = False,
         kernels: Kernels | None = None,
+        revision: str | None = None,
+        variant: str | None = None,
     ) -> ControlNetPipeline:
         """Load a base model (diffusers folder or one checkpoint + `base_config`)
         and one ControlNet path or a list of them. `kernels` (default: `Kernels()`
-        settled for this backend) computes attention and convolutions."""
+        settled for this backend) computes attention and convolutions.
+
+        Every path may be a Hugging Face Hub repo id ("org/name", or
+        "org/name/file.safetensors" for one file), fetched into the Hugging Face
+        cache (`weights.hub`; a local path that exists wins). `revision` (branch,
+        tag or commit) and `variant` (e.g. "fp16") are the base's; the ControlNets
+        are read at their repos' main with their default weights (plain, else fp16)."""
         from cn_jax.weights.folders import load_controlnet
         from cn_jax.weights.sd import load_pipeline
 
         sd = load_pipeline(
-            base_path, config=base_config, tokenizer=tokenizer, allow_pickle=allow_pickle
-        )
+            base_path, config=base_config, tokenizer=tokenizer, allow_pickle=allow_pickle,
+            revision=revision, variant=variant,
+        )  # fmt: skip
         paths = [controlnet] if isinstance(controlnet, str | os.PathLike) else list(controlnet)
         nets = [load_controlnet(p, allow_pickle=allow_pickle) for p in paths]
         kernels = Kernels().for_platform() if kernels is None else kernels

@@ -1,5 +1,5 @@
-"""CLIP tokenizer for Stable Diffusion prompts: load a local `tokenizer/` folder
-and turn prompts into the fixed-length int32 token ids the text encoder takes.
+"""CLIP tokenizer for Stable Diffusion prompts: load a `tokenizer/` folder (local or
+in a Hub repo) and turn prompts into the fixed-length int32 token ids the text encoder takes.
 
 Ids are padded to `max_length` the way diffusers' `StableDiffusionPipeline`
 does (`padding="max_length", truncation=True`) with the tokenizer's own pad
@@ -19,7 +19,6 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -40,20 +39,27 @@ finally:
 VOCAB_FILES = ("vocab.json", "merges.txt")
 
 
-def load_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
-    """Load a `transformers.CLIPTokenizer` from a local folder (never the network).
+def load_tokenizer(folder: str | os.PathLike, revision: str | None = None) -> CLIPTokenizer:
+    """Load a `transformers.CLIPTokenizer` from a local folder.
 
     Args:
       folder: a diffusers pipeline's `tokenizer/` folder (`vocab.json` +
         `merges.txt`, usually `tokenizer_config.json` / `special_tokens_map.json`;
-        a `tokenizer.json` alone also works), or a pipeline folder holding one.
+        a `tokenizer.json` alone also works), or a pipeline folder holding one;
+        or a Hugging Face Hub repo id "org/name" with either, whose tokenizer
+        files alone are fetched into the Hugging Face cache (`weights.hub`; a
+        local folder that exists wins). transformers itself never downloads.
+      revision: a Hub repo's branch, tag or commit (default: main).
 
     Raises:
       FileNotFoundError: the folder or one of its vocabulary files is missing
         (the message names the folder and the files).
+      WeightFileError: a Hub repo id that is neither cached nor downloadable.
       ValueError: the files are there but transformers cannot read them.
     """
-    path = Path(folder)
+    from cn_jax.weights.hub import resolve_path
+
+    path = resolve_path(folder, "tokenizer", revision=revision)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer folder {str(path)!r} does not exist")
     if not any((path / f).is_file() for f in (*VOCAB_FILES, "tokenizer.json")):

@@ -95,7 +95,10 @@ def load_base(config: Config, dtype):
         seed, tok = config.train.seed, m.tokenizer
         sd = random_pipeline(m.architecture, seed=seed, tokenizer=tok, dtype=dtype)
     else:
-        sd = load_pipeline(m.base, config=m.base_config, tokenizer=m.tokenizer, dtype=dtype)
+        sd = load_pipeline(
+            m.base, config=m.base_config, tokenizer=m.tokenizer, dtype=dtype,
+            revision=m.revision, variant=m.variant,
+        )  # fmt: skip
     if m.scheduler:
         fields = {**sd.schedule.to_dict(), **m.scheduler}
         schedule = NoiseScheduleConfig.from_dict(fields, "model.scheduler")
@@ -135,7 +138,9 @@ def build(config: Config):
         if config.model.controlnet:
             from cn_jax.weights.folders import load_controlnet
 
-            cnet, cparams = load_controlnet(config.model.controlnet, dtype=dtype)
+            cnet, cparams = load_controlnet(
+                config.model.controlnet, dtype=dtype, revision=config.model.controlnet_revision
+            )
             cnet = cnet.clone(remat=config.train.remat, kernels=sd.unet.kernels)
         else:
             ccfg = controlnet_config(config, sd.unet.config, latent_factor)

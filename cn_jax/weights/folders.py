@@ -30,6 +30,7 @@ from cn_jax.models.unet import UNet
 from cn_jax.models.unet import example_inputs as unet_example_inputs
 from cn_jax.weights import original
 from cn_jax.weights.errors import WeightFileError
+from cn_jax.weights.hub import resolve_path
 from cn_jax.weights.keymap import flax_to_torch, torch_to_flax
 from cn_jax.weights.safetensors_io import (
     SafetensorsFile,
@@ -115,14 +116,18 @@ def _weight_files(
     """The weight files of a model folder, in diffusers' order of preference.
 
     `stem` is diffusers' `diffusion_pytorch_model` or transformers' `model`;
-    `pickle_name` the legacy pickle file (default `<stem>.bin`).
+    `pickle_name` the legacy pickle file (default `<stem>.bin`). A `variant`'s
+    files come first, then (as diffusers does for a pipeline's component that
+    lacks the variant) the plain ones.
     """
-    stems = [f"{stem}.{variant}"] if variant else [stem, f"{stem}.fp16"]
+    stems = [f"{stem}.{variant}", stem] if variant else [stem, f"{stem}.fp16"]
     for name in stems:
         single = folder / f"{name}.safetensors"
         if single.is_file():
             return [single]
         index = folder / f"{name}.safetensors.index.json"
+        if not index.is_file() and name != stem:  # diffusers' spelling of a variant's index
+            index = folder / f"{stem}.safetensors.index{name[len(stem) :]}.json"
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
@@ -163,23 +168,33 @@ def load_unet(
     param_dtype: Dtype = jnp.float32,
     variant: str | None = None,
     allow_pickle: bool = False,
+    revision: str | None = None,
+    subfolder: str | None = None,
 ) -> tuple[UNet, dict]:
     """Load a UNet from a diffusers model folder (or a pipeline folder with `unet/`).
 
     Args:
-      path: the folder.
+      path: the folder, or a Hugging Face Hub repo id "org/name" (fetched into
+        the Hugging Face cache: `weights.hub`; a local folder that exists wins).
       dtype: compute dtype of the returned module.
       param_dtype: dtype the weights are cast to.
       variant: weight variant, e.g. "fp16" for `diffusion_pytorch_model.fp16.safetensors`
-        (default: the plain file, else the fp16 one).
+        where the folder has it, else the plain file (default: the plain file,
+        else the fp16 one).
       allow_pickle: accept `diffusion_pytorch_model.bin` (loaded with
         `torch.load(weights_only=True)`).
+      revision: a Hub repo's branch, tag or commit (default: main).
+      subfolder: the model's folder inside `path` or the repo, e.g. "unet".
 
     Returns:
       `(unet, params)`: the linen module (its `.config` is the `UNetConfig`)
       and its `params` tree.
     """
-    folder = _model_dir(Path(path), "unet")
+    path = resolve_path(
+        path, "unet", revision=revision, subfolder=subfolder, variant=variant,
+        allow_pickle=allow_pickle,
+    )  # fmt: skip
+    folder = _model_dir(path, "unet")
     config = UNetConfig.from_dict(
         _read_json(folder / CONFIG_NAME), source=str(folder / CONFIG_NAME)
     )
@@ -196,8 +211,16 @@ def load_controlnet(
     param_dtype: Dtype = jnp.float32,
     variant: str | None = None,
     allow_pickle: bool = False,
+    revision: str | None = None,
+    subfolder: str | None = None,
 ) -> tuple[ControlNet, dict]:
     """Load a ControlNet from a diffusers folder or a single weight file.
+
+    `path` may also be a Hugging Face Hub repo id, "org/name" (a diffusers
+    ControlNet, at the repo's root or in `controlnet/`) or
+    "org/name/file.safetensors" (one file of a repo), fetched into the Hugging
+    Face cache at `revision` (`weights.hub`; a local path that exists wins);
+    `subfolder` is the model's folder inside the repo or local folder.
 
     A single file may use diffusers names or the original names
     (`control_model.*`, as in `control_v11p_sd15_canny.safetensors`; the
@@ -210,7 +233,10 @@ def load_controlnet(
     Returns:
       `(controlnet, params)`.
     """
-    path = Path(path)
+    path = resolve_path(
+        path, "controlnet", revision=revision, subfolder=subfolder, variant=variant,
+        allow_pickle=allow_pickle,
+    )  # fmt: skip
     if path.is_dir():
         folder = _model_dir(path, "controlnet")
         cfg_file = folder / CONFIG_NAME

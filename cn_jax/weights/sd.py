@@ -45,22 +45,12 @@ from cn_jax.weights.folders import (
     load_unet,
     write_json,
 )
+from cn_jax.weights.hub import BUNDLED, resolve_path  # noqa: F401 (resolve_path: re-exported)
 from cn_jax.weights.keymap import torch_to_flax
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED_TOKENIZER = _ASSETS / "tiny_tokenizer"
-# Models shipped inside the package, by the name `load_pipeline` accepts.
-BUNDLED = {"bundled:tiny": _ASSETS / "tiny_base"}
-
-
-def resolve_path(path: str | os.PathLike) -> Path:
-    """A path, or a bundled model's folder for its name ("bundled:tiny")."""
-    if isinstance(path, str) and path.startswith("bundled:"):
-        if path not in BUNDLED:
-            raise WeightFileError(f"unknown bundled model {path!r}; bundled: {sorted(BUNDLED)}")
-        return BUNDLED[path]
-    return Path(path)
 
 
 @dataclasses.dataclass
@@ -138,23 +128,29 @@ def load_pipeline(
     param_dtype: Dtype = jnp.float32,
     variant: str | None = None,
     allow_pickle: bool = False,
+    revision: str | None = None,
 ) -> StableDiffusion:
     """Load the frozen components of a Stable Diffusion model.
 
     Args:
       path: a diffusers pipeline folder, or one original checkpoint file
         (`.safetensors`; `.ckpt` with `allow_pickle=True`), or the name of a
-        bundled model: "bundled:tiny" (the demo's 32 px pixel-space base).
+        bundled model: "bundled:tiny" (the demo's 32 px pixel-space base), or
+        a Hugging Face Hub repo id "org/name" (a pipeline) or
+        "org/name/file.safetensors" (one checkpoint in a repo), fetched into
+        the Hugging Face cache (`weights.hub`; a local path that exists wins).
       config: for a single file: a named config ("sd15", "sd21"), or a dict
         with the component configs ("unet", "vae", "text_encoder",
-        "scheduler"), or a diffusers pipeline folder whose configs to use.
-        Ignored for a folder.
-      tokenizer: a `tokenizer/` folder (CLIP vocab.json + merges.txt) for a
-        single file, which carries none. Default for a folder: its own.
+        "scheduler"), or a diffusers pipeline folder (or Hub repo id) whose
+        configs to use. Ignored for a folder.
+      tokenizer: a `tokenizer/` folder (CLIP vocab.json + merges.txt), or a Hub
+        repo id holding one, for a single file, which carries none. Default for
+        a folder: its own.
       dtype: compute dtype of the returned modules.
       param_dtype: dtype the weights are cast to (float32 or bfloat16).
       variant: diffusers weight variant in a folder (e.g. "fp16").
       allow_pickle: accept pickle files (`torch.load(weights_only=True)`).
+      revision: a Hub repo's branch, tag or commit (default: main).
 
     Returns:
       A `StableDiffusion` bundle.
@@ -163,7 +159,9 @@ def load_pipeline(
       WeightFileError: a missing subfolder, file or key, or a mis-shaped tensor,
         named.
     """
-    path = resolve_path(path)
+    path = resolve_path(
+        path, "pipeline", revision=revision, variant=variant, allow_pickle=allow_pickle
+    )
     if not path.exists():
         raise WeightFileError(f"{path}: no such file or folder")
     if path.is_dir():
@@ -223,17 +221,20 @@ def _load_folder(path, dtype, param_dtype, variant, allow_pickle, tokenizer) -> 
     )
 
 
-def base_latent_factor(path: str | os.PathLike, config: str | Mapping | None = None) -> int:
+def base_latent_factor(
+    path: str | os.PathLike, config: str | Mapping | None = None, revision: str | None = None
+) -> int:
     """Pixels per latent of the base model at `path`, from its configs alone (no weights):
     1 for a pipeline folder without a VAE (a pixel-space model), else its VAE's
     factor; a single checkpoint's from its named `config`; a bare UNet folder's is
-    unknown, and SD's 8 is assumed (its VAE's)."""
-    folder = resolve_path(path)
+    unknown, and SD's 8 is assumed (its VAE's). A Hub repo id's configs are fetched."""
+    folder = resolve_path(path, "configs", revision=revision)
     if folder.is_file():  # one checkpoint: its configs are `config`'s
         if config is None:
             return 8
-        if isinstance(config, str) and Path(config).is_dir():
-            folder = Path(config)
+        configs_folder = resolve_path(config, "configs") if isinstance(config, str) else None
+        if configs_folder is not None and configs_folder.is_dir():
+            folder = configs_folder
         else:
             configs = config if isinstance(config, Mapping) else preset(config)
             vae = configs.get("vae")
@@ -336,14 +337,14 @@ def _component_configs(config, source: Path) -> dict[str, dict]:
             f"{source}: an original checkpoint carries no config: pass config='sd15' or 'sd21' "
             "(or a dict of component configs, or a diffusers pipeline folder)"
         )
-    if isinstance(config, str) and not Path(config).is_dir():
-        return preset(config)
     if isinstance(config, Mapping):
         missing = [k for k in ("unet", "vae", "text_encoder", "scheduler") if k not in config]
         if missing:
             raise ValueError(f"config dict lacks component config(s) {missing}")
         return dict(config)
-    folder = Path(config)
+    folder = resolve_path(config, "configs")  # a folder, or a Hub repo id's configs
+    if not folder.is_dir():
+        return preset(config)
     return {
         "unet": _read_json(_config_file(folder / "unet", CONFIG_NAME)),
         "vae": _read_json(_config_file(folder / "vae", CONFIG_NAME)),
