@@ -28,25 +28,14 @@ from cn_jax.config import Config
 from cn_jax.models.controlnet import ControlNet, init_controlnet_from_unet
 from cn_jax.pipeline import ControlNetPipeline
 from cn_jax.runtime import release_after_setup
-from cn_jax.train.loop import controlnet_config, kernels_of
+from cn_jax.train.loop import controlnet_config, kernels_of, load_base
 
 PROMPT = "a red circle on a blue background"  # fits the tiny model's 16 tokens
 
 
 def _load(config: Config, dtype):
-    from cn_jax.weights.sd import load_pipeline, random_pipeline
-
-    m = config.model
-    if m.base is None:
-        sd = random_pipeline(
-            m.architecture, seed=config.train.seed, tokenizer=m.tokenizer, dtype=dtype,
-            param_dtype=dtype,
-        )  # fmt: skip
-    else:
-        sd = load_pipeline(
-            m.base, config=m.base_config, tokenizer=m.tokenizer, dtype=dtype, param_dtype=dtype
-        )
-    return sd.with_kernels(kernels_of(config))
+    """The base as `cn-jax train` loads it (`loop.load_base`), weights in `dtype`."""
+    return load_base(config, dtype, param_dtype=dtype).with_kernels(kernels_of(config))
 
 
 def _controlnets(config: Config, sd, n: int, dtype) -> list[tuple[ControlNet, Any]]:
@@ -54,7 +43,8 @@ def _controlnets(config: Config, sd, n: int, dtype) -> list[tuple[ControlNet, An
     if config.model.controlnet:
         from cn_jax.weights.folders import load_controlnet
 
-        net, params = load_controlnet(config.model.controlnet, dtype=dtype)
+        m = config.model
+        net, params = load_controlnet(m.controlnet, dtype=dtype, revision=m.controlnet_revision)
         nets = [(net, params)] * n
     else:
         lf = 1 if sd.vae is None else sd.vae.config.latent_factor
