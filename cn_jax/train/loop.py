@@ -86,18 +86,21 @@ def check_finite(
 # -- models -----------------------------------------------------------------------
 
 
-def load_base(config: Config, dtype):
-    """The frozen Stable Diffusion components the config names (or random ones)."""
+def load_base(config: Config, dtype, param_dtype=jnp.float32):
+    """The frozen Stable Diffusion components the config names (or random ones), weights
+    stored in `param_dtype`."""
     from cn_jax.weights.sd import load_pipeline, random_pipeline
 
     m = config.model
     if m.base is None:
         seed, tok = config.train.seed, m.tokenizer
-        sd = random_pipeline(m.architecture, seed=seed, tokenizer=tok, dtype=dtype)
+        sd = random_pipeline(
+            m.architecture, seed=seed, tokenizer=tok, dtype=dtype, param_dtype=param_dtype
+        )
     else:
         sd = load_pipeline(
             m.base, config=m.base_config, tokenizer=m.tokenizer, dtype=dtype,
-            revision=m.revision, variant=m.variant,
+            param_dtype=param_dtype, revision=m.revision, variant=m.variant,
         )  # fmt: skip
     if m.scheduler:
         fields = {**sd.schedule.to_dict(), **m.scheduler}
@@ -125,9 +128,15 @@ def kernels_of(config: Config) -> Kernels:
     return Kernels(config.model.attention, config.model.convolution).for_platform()
 
 
+def compute_dtype(config: Config):
+    """The run's compute dtype (`train.precision`), also the frozen weights' storage:
+    the trained weights and the optimizer state stay float32."""
+    return jnp.bfloat16 if config.train.precision == "bfloat16" else jnp.float32
+
+
 def build(config: Config):
     """Models, the full parameter tree, and the base bundle."""
-    dtype = jnp.bfloat16 if config.train.precision == "bfloat16" else jnp.float32
+    dtype = compute_dtype(config)
     sd = load_base(config, dtype).with_kernels(kernels_of(config))
     latent_factor = 1 if sd.vae is None else sd.vae.config.latent_factor
     cnet = None
@@ -209,7 +218,7 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
     # == Create models; split what trains from what is frozen ==
     models, params, sd = build(config)
     labels = labels_for(params, tc.trainable)
-    trainable, frozen = split(params, labels)
+    trainable, frozen = split(params, labels, frozen_dtype=compute_dtype(config))
     del params
     tx = make_optimizer(tc, group_labels(trainable, labels))
     frozen_sh = shd.param_shardings(mesh, frozen)
