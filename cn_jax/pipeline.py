@@ -135,8 +135,9 @@ class ControlNetPipeline:
         variant: str | None = None,
     ) -> ControlNetPipeline:
         """Load a base model (diffusers folder or one checkpoint + `base_config`)
-        and one ControlNet path or a list of them. `kernels` (default: `Kernels()`
-        settled for this backend) computes attention and convolutions.
+        and one ControlNet path or a list of them, weights stored and computed in
+        `dtype` (float32, or bfloat16 / float16 on accelerators). `kernels` (default:
+        `Kernels()` settled for this backend) computes attention and convolutions.
 
         Every path may be a Hugging Face Hub repo id ("org/name", or
         "org/name/file.safetensors" for one file), fetched into the Hugging Face
@@ -146,12 +147,14 @@ class ControlNetPipeline:
         from cn_jax.weights.folders import load_controlnet
         from cn_jax.weights.sd import load_pipeline
 
+        # Weights stored in the compute dtype: half the memory in bfloat16, no cast a step.
+        stored = dict(dtype=dtype, param_dtype=dtype, allow_pickle=allow_pickle)
         sd = load_pipeline(
-            base_path, config=base_config, tokenizer=tokenizer, allow_pickle=allow_pickle,
-            revision=revision, variant=variant,
+            base_path, config=base_config, tokenizer=tokenizer, revision=revision,
+            variant=variant, **stored,
         )  # fmt: skip
         paths = [controlnet] if isinstance(controlnet, str | os.PathLike) else list(controlnet)
-        nets = [load_controlnet(p, allow_pickle=allow_pickle) for p in paths]
+        nets = [load_controlnet(p, **stored) for p in paths]
         kernels = Kernels().for_platform() if kernels is None else kernels
         return cls(sd, nets, dtype=dtype, kernels=kernels)
 

@@ -5,6 +5,7 @@ error, or the right result."""
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -153,3 +154,19 @@ def test_16_bit_conditions_keep_their_range_in_sampling_and_annotate(tiny_contro
     assert main(["annotate", "grayscale", str(tmp_path / "depth16.png"), str(out)]) == 0
     row = np.asarray(Image.open(out))[0, :, 0].astype(int)
     np.testing.assert_allclose(row, np.rint(ramp / 65535 * 255), atol=1)
+
+
+def test_sample_precision_bfloat16_stores_and_computes_in_bfloat16(tiny_controlnet, tmp_path):
+    """Issue 22: `cn-jax sample --precision bfloat16` (ControlNetPipeline.from_pretrained
+    with dtype=bfloat16) holds every weight in bfloat16 and writes its image."""
+    pipe = cn_jax.ControlNetPipeline.from_pretrained(
+        "bundled:tiny", tiny_controlnet, dtype="bfloat16"
+    )
+    dtypes = {x.dtype for x in jax.tree.leaves(pipe.params)}
+    assert dtypes == {np.dtype("bfloat16")}, dtypes
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "c.png")
+    argv = ["sample", "--base", "bundled:tiny", "--controlnet", str(tiny_controlnet),
+            "--image", str(tmp_path / "c.png"), "--prompt", "a red circle", "--steps", "2",
+            "--precision", "bfloat16", "--out", str(tmp_path / "o.png")]  # fmt: skip
+    assert main(argv) == 0
+    assert Image.open(tmp_path / "o.png").size == (32, 32)
