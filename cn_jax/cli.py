@@ -445,6 +445,15 @@ def build_parser() -> argparse.ArgumentParser:
                 help="compile only: FLOPs and memory without running (no weights materialised)",
             )  # fmt: skip
         b.set_defaults(func=_bench)
+    low = bench_sub.add_parser(
+        "lower", help="lower the train step and sampling for other platforms (jax.export)"
+    )
+    low.add_argument("--config", required=True, help="YAML config (e.g. configs/sd15-shape.yaml)")
+    low.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    low.add_argument("--platforms", default="cuda,tpu", help="jax.export names: cuda,rocm,tpu,cpu")
+    low.add_argument("--no-flops", action="store_true", help="skip counting each module's FLOPs")
+    low.add_argument("--json", default=None, help="write the result as JSON here")
+    low.set_defaults(func=_bench)
     return parser
 
 

@@ -139,3 +139,83 @@ def test_tiled_with_a_sharded_batch_matches_one_device(monkeypatch):
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         err = float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
         assert err < 1e-6, (name, err)
+
+
+# -- TPU: the Pallas flash-attention kernel ---------------------------------------------
+
+S = jax.ShapeDtypeStruct
+
+
+def test_auto_on_a_tpu_takes_pallas_where_its_tiles_fit():
+    """SD 1.5 at 512 px on a TPU: self-attention over 4,096, 1,024 and 256 tokens
+    (heads of 40 and 80) runs the Pallas kernel; cross-attention over the 77 text
+    tokens, the 64-token level and its 160-wide heads stay on XLA (small scores)."""
+    tpu = Kernels().for_platform("tpu")
+    b16 = jnp.bfloat16
+    for tokens, head_dim in ((4096, 40), (1024, 80), (256, 64), (1024, 256)):
+        x = S((2, tokens, 8, head_dim), b16)
+        assert attn.resolve_attention(x, x, tpu) == "pallas", (tokens, head_dim)
+        assert attn.resolve_attention(x, x, Kernels().for_platform("gpu")) != "pallas"
+        assert attn.resolve_attention(x, x, Kernels().for_platform("cpu")) == "tiled"
+    text = S((2, 77, 8, 40), b16)
+    assert attn.resolve_attention(S((2, 4096, 8, 40), b16), text, tpu) == "xla"
+    assert attn.resolve_attention(S((2, 64, 8, 160), b16), S((2, 64, 8, 160), b16), tpu) == "xla"
+    assert attn.resolve_attention(S((2, 256, 8, 160), b16), S((2, 256, 8, 160), b16), tpu) == "xla"
+    # Forced, it is Pallas whatever the shapes (padded to its tiles).
+    assert attn.resolve_attention(text, text, Kernels("pallas", platform="tpu")) == "pallas"
+
+
+def _export_tpu(fn, *args) -> str:
+    return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
+
+
+def test_pallas_attention_lowers_for_a_tpu_without_one():
+    """`jax.export` lowers the Pallas kernel (forward and its backward) for a TPU on
+    this host: each is a Mosaic `tpu_custom_call`. "auto" routes 77-token
+    cross-attention to XLA (no custom call); forced "pallas" pads it."""
+    x, text = S((1, 1024, 8, 40), jnp.bfloat16), S((1, 77, 8, 40), jnp.bfloat16)
+
+    def loss(kernels):
+        def fn(q, k, v):
+            return attn.dot_product_attention(q, k, v, 0.25, kernels).astype(jnp.float32).sum()
+
+        return jax.grad(fn, argnums=(0, 1, 2))
+
+    auto = Kernels().for_platform("tpu")
+    assert _export_tpu(loss(auto), x, x, x).count("tpu_custom_call") == 3  # fwd, dkv, dq
+    assert "tpu_custom_call" not in _export_tpu(loss(auto), x, text, text)
+    forced = Kernels("pallas", platform="tpu")
+    assert _export_tpu(loss(forced), x, text, text).count("tpu_custom_call") == 3
+
+
+def _interpret():
+    pltpu = pytest.importorskip("jax.experimental.pallas.tpu")
+    if not hasattr(pltpu, "force_tpu_interpret_mode"):
+        pytest.skip("this JAX has no Pallas TPU interpret mode")
+    return pltpu.force_tpu_interpret_mode()
+
+
+@pytest.mark.parametrize(
+    "tokens,kv_tokens,head_dim",
+    [(256, 128, 40), (130, 77, 160)],  # tiles fit; everything padded (tokens, keys, head)
+)
+def test_pallas_matches_xla_in_interpret_mode(tokens, kv_tokens, head_dim):
+    """The Pallas kernel, run by Pallas's TPU interpreter on this CPU, against XLA's
+    attention: outputs and gradients, also where queries, keys (masked by segment
+    ids) and a 160-wide head are padded to its tiles."""
+    from cn_jax.kernels.pallas_attention import pallas_attention
+
+    rng = np.random.default_rng(3)
+    q, dout = (jnp.asarray(rng.standard_normal((1, tokens, 2, head_dim), np.float32)) for _ in "qd")
+    k, v = (jnp.asarray(rng.standard_normal((1, kv_tokens, 2, head_dim), np.float32)) for _ in "kv")
+    scale = head_dim**-0.5
+    want = _grads(
+        lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla"),
+        q, k, v, dout,
+    )  # fmt: skip
+    with _interpret():
+        got = _grads(lambda q, k, v: pallas_attention(q, k, v, scale), q, k, v, dout)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.shape == w.shape, (name, g.shape, w.shape)
+        err = float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
+        assert err < 1e-5, (name, err)

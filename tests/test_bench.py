@@ -410,3 +410,84 @@ def test_bench_sample_times_the_pipelines_own_loop(monkeypatch):
     assert len(traced) == 2 and b.pipe.trace_count == 1
     expected = np.clip(np.asarray(b.final, np.float32) / 2 + 0.5, 0.0, 1.0)  # tiny: no VAE
     np.testing.assert_array_equal(images, expected)
+
+
+# -- issue 22: lowering for other platforms, FLOP twins, flags in every result -----------
+
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+@pytest.mark.slow  # lowers 6 programs twice (export, FLOPs): about 25 s of CPU
+def test_bench_lower_tiny_for_cuda_and_tpu(tmp_path, monkeypatch, capsys):
+    """`cn-jax bench lower` on the tiny config in bfloat16 (where a GPU run takes cuDNN
+    attention): with `jax.export`, no device and no weights, every program lowers for
+    both platforms; without a GPU here cuDNN is reported and replaced by XLA; the TPU
+    train step and sampling loop hold the Pallas kernel; versions and flags are
+    recorded."""
+    import jax
+
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".5")
+    r = _run(tmp_path, "lower", ["lower", "--config", TINY, "train.precision=bfloat16",
+             "--platforms", "cuda,tpu"])  # fmt: skip
+    assert r["bench"] == "lower" and r["ok"] and r["precision"] == "bfloat16"
+    rows = {(x["platform"], x["program"]): x for x in r["programs"]}
+    programs = ("train_step", "sample_text", "sample_loop")  # tiny: no VAE, no decode
+    assert set(rows) == {(p, n) for p in ("cuda", "tpu") for n in programs}
+    for row in rows.values():
+        assert row["ok"] and row["seconds"] > 0 and row["stablehlo_bytes"] > 10_000
+        assert row["flops"] > 0
+    cuda, tpu = r["platforms"]["cuda"], r["platforms"]["tpu"]
+    if jax.default_backend() != "gpu":
+        assert cuda["kernels"]["attention"] == "xla"
+        assert cuda["notes"] == [
+            "cudnn: cannot lower without a GPU (cuDNN is not detected.); lowered with xla"
+        ]
+    assert tpu["kernels"] == {"attention": "auto", "convolution": "xla"} and not tpu["notes"]
+    for name in ("train_step", "sample_loop"):
+        assert rows["tpu", name]["custom_calls"].get("tpu_custom_call", 0) > 0, name
+        assert "tpu_custom_call" not in rows["cuda", name]["custom_calls"]
+    assert r["env"]["XLA_PYTHON_CLIENT_MEM_FRACTION"] == ".5" and r["jax"] == jax.__version__
+    out = capsys.readouterr().out
+    assert "6 of 6 programs lowered" in out and "tpu_custom_call" in out
+
+
+def test_bench_lower_names_the_platforms_it_knows(capsys):
+    argv = ["bench", "lower", "--config", TINY, "--platforms", "gpu,tpu"]
+    assert main(argv) == 2
+    assert "cuda, rocm, tpu, cpu" in capsys.readouterr().err
+
+
+def test_flops_are_counted_on_the_xla_twin_unless_the_kernels_are_xlas():
+    """A cuDNN or Pallas attention is a custom call XLA may count as zero FLOPs, the
+    tiled kernel's loops are counted once, im2col multiplies zeros: any kernel choice
+    but XLA's own (and "auto", which may pick one) is counted on the XLA twin."""
+    from cn_jax.kernels import Kernels
+
+    assert not measure.counts_on_twin(Kernels("xla", "xla", "gpu"))
+    assert not measure.counts_on_twin(Kernels("xla", "xla").for_platform("cpu"))
+    for k in (
+        Kernels().for_platform("gpu"), Kernels().for_platform("tpu"),
+        Kernels().for_platform("cpu"), Kernels("cudnn", "xla", "gpu"),
+        Kernels("pallas", "xla", "tpu"), Kernels("tiled", "xla"), Kernels("xla", "im2col"),
+        Kernels("xla", "auto", "cpu"),
+    ):  # fmt: skip
+        assert measure.counts_on_twin(k), k
+
+
+def test_every_bench_result_records_versions_and_flags(monkeypatch):
+    """`device_info`, part of every train, compare, sample and profile summary, holds
+    the JAX and jaxlib versions and the XLA / allocator environment as set."""
+    import os
+
+    import jax
+    import jaxlib
+
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".9")
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    info = measure.device_info(jax.devices())
+    assert info["jax"] == jax.__version__ and info["jaxlib"] == jaxlib.__version__
+    env = info["env"]
+    assert env["XLA_FLAGS"] == os.environ.get("XLA_FLAGS")
+    assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == ".9"
+    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] is None
+    assert json.loads(json.dumps(info)) == info  # goes into the JSON as it is

@@ -37,7 +37,9 @@ XLA, OURS = Kernels("xla", "xla"), Kernels("tiled", "im2col")
 def test_for_platform_settles_what_the_platform_decides():
     assert Kernels().for_platform("cpu") == Kernels("tiled", "auto", "cpu")
     assert Kernels().for_platform("gpu") == Kernels("auto", "xla", "gpu")
-    assert Kernels().for_platform("tpu") == Kernels("xla", "xla", "tpu")
+    # On a TPU "auto" stays: Pallas flash attention where its tiles fit (per operation).
+    assert Kernels().for_platform("tpu") == Kernels("auto", "xla", "tpu")
+    assert Kernels("pallas").for_platform("tpu") == Kernels("pallas", "xla", "tpu")
     assert Kernels("xla", "im2col").for_platform("gpu") == Kernels("xla", "im2col", "gpu")
     assert Kernels().for_platform().platform == jax.default_backend()
     with pytest.raises(ValueError, match="'flash'"):

@@ -15,6 +15,7 @@ Caveats (written here once, quoted by the reports):
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +24,7 @@ from typing import Any
 import jax
 
 from cn_jax import runtime
+from cn_jax.kernels.choice import COUNTING, Kernels
 
 # Dense (no sparsity) peak TFLOP/s by compute dtype, keyed by a substring of
 # `device.device_kind`; the first matching row wins, so specific names (PCIe,
@@ -60,6 +62,19 @@ def program_flops(compiled) -> float | None:
         cost = cost[0] if cost else None
     flops = (cost or {}).get("flops")
     return float(flops) if flops and flops > 0 else None
+
+
+def counts_on_twin(kernels: Kernels) -> bool:
+    """Whether a program computing with `kernels` has its FLOPs counted on a twin
+    traced with XLA's kernels (`cn_jax.kernels.choice.COUNTING`) instead of itself.
+
+    Any kernel but XLA's may be miscounted: the tiled attention kernel's tile loops
+    are counted once, im2col multiplies its padding zeros, and a cuDNN or Pallas
+    attention is one custom call that XLA may count as zero FLOPs (MFU would read
+    low). "auto" may choose any of these, so only XLA's own kernels count as they
+    are.
+    """
+    return (kernels.attention, kernels.convolution) != (COUNTING.attention, COUNTING.convolution)
 
 
 def attention_loops(compiled) -> bool:
@@ -172,11 +187,35 @@ def ratio(a, b) -> float | None:
     return float(a) / float(b)
 
 
+# Environment variables that change what a benchmark measures: XLA's flags, and how
+# much device memory JAX's allocator takes (fraction, up front or on demand).
+ENV_FLAGS = (
+    "XLA_FLAGS",
+    "XLA_PYTHON_CLIENT_MEM_FRACTION",
+    "XLA_PYTHON_CLIENT_PREALLOCATE",
+    "XLA_PYTHON_CLIENT_ALLOCATOR",
+    "LIBTPU_INIT_ARGS",
+)
+
+
+def environment() -> dict[str, Any]:
+    """JAX and jaxlib versions and the `ENV_FLAGS` as set (None: unset), for every
+    bench result: two runs are comparable only with the same ones."""
+    import jaxlib
+
+    return {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "env": {name: os.environ.get(name) for name in ENV_FLAGS},
+    }
+
+
 def device_info(devices) -> dict[str, Any]:
     """Platform, device kind and count, the persistent compilation cache in use
-    (compile times read from it are cache hits, not compilations) and, on CPU, XLA's
+    (compile times read from it are cache hits, not compilations), on CPU XLA's
     scheduler (cn_jax.runtime: "memory-first" unless JAX started before cn_jax) and
-    whether host memory comes in transparent huge pages (`runtime.host_hugepages`)."""
+    whether host memory comes in transparent huge pages (`runtime.host_hugepages`),
+    and the `environment()` (versions, XLA flags, memory fraction)."""
     d = devices[0]
     return {
         "platform": d.platform,
@@ -185,4 +224,5 @@ def device_info(devices) -> dict[str, Any]:
         "compilation_cache": jax.config.jax_compilation_cache_dir or None,
         "xla_cpu_scheduler": runtime.cpu_scheduler() if d.platform == "cpu" else None,
         "host_hugepages": runtime.host_hugepages() if d.platform == "cpu" else None,
+        **environment(),
     }

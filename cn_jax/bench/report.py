@@ -141,9 +141,13 @@ def format_sample(r: dict) -> str:
 
 
 def format_result(r: dict) -> str:
-    return {"train": format_train, "compare": format_compare, "sample": format_sample}[r["bench"]](
-        r
-    )
+    from cn_jax.bench.lower import format_lower
+
+    formats = {
+        "train": format_train, "compare": format_compare, "sample": format_sample,
+        "lower": format_lower,
+    }  # fmt: skip
+    return formats[r["bench"]](r)
 
 
 def summary_table(results: list[dict]) -> str:
@@ -192,13 +196,19 @@ def summary_table(results: list[dict]) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """`cn-jax bench train|compare|sample`: run, print, optionally write `--json`."""
+    """`cn-jax bench train|compare|sample|lower`: run, print, optionally write `--json`.
+    Exits 1 where `lower` could not lower every program."""
     from cn_jax.bench.sample import bench_sample
     from cn_jax.bench.train import bench_compare, bench_train, devices_for
     from cn_jax.config import load_config
 
     config = load_config(args.config, args.overrides)
-    if args.bench_command == "sample":
+    if args.bench_command == "lower":
+        from cn_jax.bench.lower import bench_lower, parse_platforms
+
+        platforms = parse_platforms(args.platforms)
+        result = bench_lower(config, platforms, flops=not args.no_flops)
+    elif args.bench_command == "sample":
         result = bench_sample(
             config, steps=args.steps, batch=args.batch, controlnets=args.controlnets,
             sampler=args.sampler, guidance_scale=args.guidance, repeats=args.repeats,
@@ -216,7 +226,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.json:
         write_json(result, args.json)
         print(f"wrote {args.json}")
-    return 0
+    return 0 if result.get("ok", True) else 1
 
 
 def write_json(result: dict[str, Any], path: str) -> None:

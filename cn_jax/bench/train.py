@@ -23,10 +23,9 @@ import numpy as np
 from cn_jax.bench import measure
 from cn_jax.config import Config
 from cn_jax.kernels.choice import COUNTING
-from cn_jax.kernels.convolution import may_leave_xla
 from cn_jax.runtime import release_after_setup
 from cn_jax.train import sharding as shd
-from cn_jax.train.loop import build
+from cn_jax.train.loop import build, compute_dtype
 from cn_jax.train.state import TrainState, group_labels, labels_for, make_optimizer, split
 from cn_jax.train.step import StepModels, make_train_step
 
@@ -135,15 +134,23 @@ class TrainBench:
     Attributes:
       compiled: the AOT-compiled step; `compile_s` / `lower_s` its build times.
       flops: XLA's FLOPs of one step (per device; `flops_source` says which program
-        was counted: the step, or, with tiled attention loops or im2col
-        convolutions possible, its twin traced with `cn_jax.kernels.choice.COUNTING`);
+        was counted: the step, or, with any kernel but XLA's possible
+        (`measure.counts_on_twin`), its twin traced with
+        `cn_jax.kernels.choice.COUNTING`);
         `memory`: `measure.program_memory`.
       state, frozen, batch, rng: the step's arguments (None with `run=False`).
     """
 
-    def __init__(self, config: Config, devices=None, run: bool = True, built=None):
+    def __init__(
+        self, config: Config, devices=None, run: bool = True, built=None, compile: bool = True
+    ):
         """Set up and compile; `built`: the `loop.build(config)` result to use (see
-        `without_controlnet`), else built here (as shapes only with `run=False`)."""
+        `without_controlnet`), else built here (as shapes only with `run=False`).
+        `compile=False` (with `run=False`) stops before lowering: `jitted_step(models)`
+        and `args` are the step and its abstract arguments, for `jax.export`
+        (`cn_jax.bench.lower`)."""
+        if run and not compile:
+            raise ValueError("TrainBench(compile=False) needs run=False: nothing to run")
         tc = config.train
         self.config = config
         self.run = run
@@ -182,7 +189,7 @@ class TrainBench:
             # never included them; loop.train keeps them for validation samples).
             params = {k: v for k, v in params.items() if k not in ("text_encoder", "vae")}
         labels = labels_for(params, tc.trainable)
-        trainable, frozen = split(params, labels)
+        trainable, frozen = split(params, labels, frozen_dtype=compute_dtype(config))
         del params
         self.params_trainable, self.params_frozen = _count(trainable), _count(frozen)
         tx = self.tx = make_optimizer(tc, group_labels(trainable, labels))
@@ -243,6 +250,12 @@ class TrainBench:
                 donate_argnums=0,
             )
 
+        self.jitted_step, self.args = jitted_step, args
+        if not compile:
+            self.compiled = self.flops = self.flops_source = None
+            self.lower_s = self.compile_s = None
+            self.memory, self.metrics = {}, None
+            return
         t0 = time.perf_counter()
         lowered = jitted_step(models).lower(*args)
         t1 = time.perf_counter()
@@ -251,11 +264,12 @@ class TrainBench:
         del lowered  # its StableHLO module: the executable is all the step needs
         self.flops = measure.program_flops(self.compiled)
         self.flops_source = "step"
-        if measure.attention_loops(self.compiled) or may_leave_xla(models.unet.kernels):
+        if measure.attention_loops(self.compiled) or measure.counts_on_twin(models.unet.kernels):
             # XLA counts a loop body once, and the tiled attention kernel loops over
-            # tiles; im2col convolutions multiply their padding zeros too. Count the
-            # same step's arithmetic on its twin traced with JAX's attention and XLA's
-            # convolutions. Lowered only, never compiled or run.
+            # tiles; im2col convolutions multiply their padding zeros too; a cuDNN or
+            # Pallas custom call may count as zero. Count the same step's arithmetic
+            # on its twin traced with JAX's attention and XLA's convolutions. Lowered
+            # only, never compiled or run.
             twin = jitted_step(models.with_kernels(COUNTING)).lower(*args)
             self.flops = measure.program_flops(twin)
             self.flops_source = "step with xla attention and convolutions (lowered)"

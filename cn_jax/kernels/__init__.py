@@ -5,7 +5,8 @@ are computed, chosen per model by a `Kernels` value that every module carries
 (`UNet(config, kernels=...)`, `module.clone(kernels=...)`):
 
 - `attention.py`: `dot_product_attention`, dispatching to JAX's XLA path,
-  cuDNN's fused flash attention (GPU) or `tiled_attention.py`, our CPU kernel;
+  cuDNN's fused flash attention (GPU), JAX's Pallas flash attention
+  (`pallas_attention.py`, TPU) or `tiled_attention.py`, our CPU kernel;
 - `convolution.py`: `conv2d`, dispatching to XLA's convolution or `im2col.py`,
   one matrix product over the gathered taps (CPU, small images).
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-ATTENTION_KERNELS = ("auto", "xla", "cudnn", "tiled")
+ATTENTION_KERNELS = ("auto", "xla", "cudnn", "tiled", "pallas")
 CONV_KERNELS = ("auto", "xla", "im2col")
 
 
@@ -22,9 +22,10 @@ class Kernels:
 
     Attributes:
       attention: "xla" (JAX's `dot_product_attention`), "cudnn" (cuDNN flash
-        attention: GPU, bfloat16/float16 only), "tiled" (our CPU kernel) or
-        "auto": cuDNN where its constraints hold on a GPU, tiled on a CPU, XLA
-        elsewhere (`cn_jax.kernels.attention`).
+        attention: GPU, bfloat16/float16 only), "pallas" (JAX's Pallas flash
+        attention: TPU), "tiled" (our CPU kernel) or "auto": cuDNN where its
+        constraints hold on a GPU, Pallas where its tiles fit on a TPU, tiled
+        on a CPU, XLA elsewhere (`cn_jax.kernels.attention`).
       convolution: "xla", "im2col", or "auto": XLA's on accelerators, on a CPU
         im2col for 1x1 and small convolutions (`cn_jax.kernels.convolution`).
       platform: the JAX backend ("cpu", "gpu", "tpu") "auto" decides for; None
@@ -50,9 +51,10 @@ class Kernels:
         """This choice settled for `platform` (default: JAX's default backend).
 
         Where the platform alone decides, "auto" becomes the kernel it picks
-        (attention: "tiled" on a CPU, "xla" on a TPU; convolution: "xla" off
-        the CPU); what still depends on shapes and dtypes (cuDNN's constraints,
-        im2col's size limit) stays "auto", decided per operation for this
+        (attention: "tiled" on a CPU, "xla" off CPUs, GPUs and TPUs;
+        convolution: "xla" off the CPU); what still depends on shapes and
+        dtypes (cuDNN's constraints on a GPU, the Pallas kernel's tiles on a
+        TPU, im2col's size limit) stays "auto", decided per operation for this
         platform.
         """
         if platform is None:
@@ -60,7 +62,7 @@ class Kernels:
 
             platform = jax.default_backend()
         attention, convolution = self.attention, self.convolution
-        if attention == "auto" and platform != "gpu":
+        if attention == "auto" and platform not in ("gpu", "tpu"):
             attention = "tiled" if platform == "cpu" else "xla"
         if convolution == "auto" and platform != "cpu":
             convolution = "xla"

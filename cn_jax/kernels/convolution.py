@@ -47,13 +47,6 @@ def resolve_convolution(
     return impl
 
 
-def may_leave_xla(kernels: Kernels) -> bool:
-    """Whether `kernels` can route a convolution off XLA's."""
-    return kernels.convolution == "im2col" or (
-        kernels.convolution == "auto" and kernels.backend() == "cpu"
-    )
-
-
 def conv2d(
     x: jax.Array,
     kernel: jax.Array,
