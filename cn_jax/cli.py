@@ -454,6 +454,21 @@ def build_parser() -> argparse.ArgumentParser:
     low.add_argument("--no-flops", action="store_true", help="skip counting each module's FLOPs")
     low.add_argument("--json", default=None, help="write the result as JSON here")
     low.set_defaults(func=_bench)
+    dat = bench_sub.add_parser(
+        "data", help="samples/s of the input pipeline vs a bare decode loop, on generated PNGs"
+    )
+    dat.add_argument("--config", required=True, help="YAML config (its data section is used)")
+    dat.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    dat.add_argument("--workers", default="1,2", help="loader worker counts, e.g. 1,2,4")
+    dat.add_argument("--data", default=None, help="folder for the generated set (default: temp)")
+    dat.add_argument("--samples", type=int, default=256, help="rows of the generated set")
+    dat.add_argument("--size", type=int, default=512, help="side of the generated PNGs (px)")
+    dat.add_argument("--batch", type=int, default=None, help="default train.batch_size")
+    dat.add_argument(
+        "--gpu-rate", type=float, default=40.0, help="samples/s one GPU trains (cores per GPU)"
+    )
+    dat.add_argument("--json", default=None, help="write the result as JSON here")
+    dat.set_defaults(func=_bench)
     return parser
 
 

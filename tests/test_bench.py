@@ -491,3 +491,22 @@ def test_every_bench_result_records_versions_and_flags(monkeypatch):
     assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == ".9"
     assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] is None
     assert json.loads(json.dumps(info)) == info  # goes into the JSON as it is
+
+
+def test_bench_data_reports_the_pipeline_beside_a_bare_decode(tmp_path, capsys):
+    """`cn-jax bench data` on a tiny generated set: the loader at each worker count, the
+    bare decode loop over the same files, efficiency per worker and cores per GPU."""
+    r = _run(tmp_path, "data", [
+        "data", "--config", str(ROOT / "configs" / "demo.yaml"), "--workers", "1,2",
+        "--samples", "8", "--size", "32", "--batch", "4", "--data", str(tmp_path / "set"),
+    ])  # fmt: skip
+    assert r["bench"] == "data" and r["resolution"] == 32 and r["samples"] == 8
+    assert [row["workers"] for row in r["loader"]] == [1, 2]
+    for row in r["loader"]:
+        assert row["samples_per_s"] > 0
+        want = row["samples_per_s"] / (row["workers"] * r["bare_samples_per_s"])
+        assert math.isclose(row["efficiency_per_worker"], want)
+    assert r["bare_samples_per_s"] > 0 and r["cores_per_gpu"] >= 1
+    assert {"date", "machine", "tokenizer", "cores_per_gpu_bare"} <= set(r)
+    assert "bench data: 32 px" in capsys.readouterr().out
+    assert (tmp_path / "set" / "bench_meta.txt").is_file()  # reused by a second run

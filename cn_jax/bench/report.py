@@ -141,11 +141,12 @@ def format_sample(r: dict) -> str:
 
 
 def format_result(r: dict) -> str:
+    from cn_jax.bench.data import format_data
     from cn_jax.bench.lower import format_lower
 
     formats = {
         "train": format_train, "compare": format_compare, "sample": format_sample,
-        "lower": format_lower,
+        "lower": format_lower, "data": format_data,
     }  # fmt: skip
     return formats[r["bench"]](r)
 
@@ -196,14 +197,22 @@ def summary_table(results: list[dict]) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """`cn-jax bench train|compare|sample|lower`: run, print, optionally write `--json`.
+    """`cn-jax bench train|compare|sample|lower|data`: run, print, optionally write `--json`.
     Exits 1 where `lower` could not lower every program."""
     from cn_jax.bench.sample import bench_sample
     from cn_jax.bench.train import bench_compare, bench_train, devices_for
     from cn_jax.config import load_config
 
     config = load_config(args.config, args.overrides)
-    if args.bench_command == "lower":
+    if args.bench_command == "data":
+        from cn_jax.bench.data import bench_data
+
+        workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
+        result = bench_data(
+            config, workers=workers, data_dir=args.data, samples=args.samples, size=args.size,
+            batch=args.batch, gpu_samples_per_s=args.gpu_rate,
+        )  # fmt: skip
+    elif args.bench_command == "lower":
         from cn_jax.bench.lower import bench_lower, parse_platforms
 
         platforms = parse_platforms(args.platforms)
