@@ -236,10 +236,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+MP_WORKER = str(ROOT / "tests" / "mp_worker.py")
+MP_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+
+
+def _start_two_processes(workdir: Path, overrides: list[str], out: Path) -> list:
+    """tests/mp_worker.py as 2 processes x 2 CPU devices over gloo, started; each
+    writes its output to a file (a pipe nobody reads yet would stall it, and with
+    it the other process at their next collective)."""
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        e = {
+            **MP_ENV,
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "CN_JAX_COORDINATOR": f"127.0.0.1:{port}",
+            "CN_JAX_NUM_PROCESSES": "2",
+            "CN_JAX_PROCESS_ID": str(pid),
+            "CN_JAX_TEST_OUT": str(out),
+        }
+        cmd = [sys.executable, MP_WORKER, str(workdir), *overrides]
+        log = out.with_name(f"{out.stem}.{pid}.log")
+        with log.open("wb") as f:
+            procs.append((subprocess.Popen(cmd, env=e, stdout=f, stderr=subprocess.STDOUT), log))
+    return procs
+
+
+def _finish(procs: list, timeout: float = 600) -> None:
+    """Waits for the processes; each must succeed (its output in the failure)."""
+    try:
+        for p, _ in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p, _ in procs:  # a hung peer must not outlive the test
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for pid, (p, log) in enumerate(procs):
+        assert p.returncode == 0, f"process {pid}:\n{log.read_text()[-8000:]}"
+
+
 @pytest.mark.slow  # whole training runs; the fast tier trains one (export_cli)
 def test_two_processes_equal_one_process(data, tmp_path):
     """2 processes x 2 CPU devices (gloo) == 1 process x 4 devices, after 2 steps."""
-    worker = str(ROOT / "tests" / "mp_worker.py")
     # JAX's XLA attention: with the tiled kernel (the CPU default) the two runs'
     # weights differ by up to 1.4e-6 after two AdamW steps (one element of 4,096
     # over this tolerance), where XLA's path differs by 1.2e-7 (measured); the
@@ -249,39 +288,53 @@ def test_two_processes_equal_one_process(data, tmp_path):
     # multi-process plumbing; the tiled kernel on a sharded batch is checked
     # against one device in tests/test_attention.py.
     overrides = _overrides(data, **{"train.max_steps": 2, "model.attention": "xla"})
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        e = {
-            **env,
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-            "CN_JAX_COORDINATOR": f"127.0.0.1:{port}",
-            "CN_JAX_NUM_PROCESSES": "2",
-            "CN_JAX_PROCESS_ID": str(pid),
-            "CN_JAX_TEST_OUT": str(tmp_path / "multi.npz"),
-        }
-        cmd = [sys.executable, worker, str(tmp_path / "multi"), *overrides]
-        procs.append(subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    procs = _start_two_processes(tmp_path / "multi", overrides, tmp_path / "multi.npz")
     single_env = {
-        **env,
+        **MP_ENV,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
         "CN_JAX_TEST_OUT": str(tmp_path / "single.npz"),
     }
     single = subprocess.run(
-        [sys.executable, worker, str(tmp_path / "single"), *overrides],
+        [sys.executable, MP_WORKER, str(tmp_path / "single"), *overrides],
         env=single_env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    outs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    _finish(procs)
     assert single.returncode == 0, single.stdout + single.stderr
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out
     a, b = np.load(tmp_path / "single.npz"), np.load(tmp_path / "multi.npz")
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
     pa, pb = _params(tmp_path / "single"), _params(tmp_path / "multi")
     for k in pa:
         np.testing.assert_allclose(pa[k], pb[k], rtol=1e-4, atol=1e-6, err_msg=k)
     assert jax.process_count() == 1
+
+
+@pytest.mark.slow  # a two-process training run with sampling
+def test_two_processes_fsdp_validate_and_evaluate(data, tmp_path):
+    """2 processes x 2 CPU devices, `mesh.fsdp=2`, validation and held-out
+    evaluation on: every process samples with the parameters split over both
+    (process 0 alone waited on the other's shards until gloo aborted), process 0
+    writes one grid and the evaluation log; each FSDP group is one process's."""
+    overrides = _overrides(
+        data,
+        **{
+            "train.max_steps": 2,
+            "train.checkpoint_every": 2,
+            "mesh.fsdp": 2,
+            "train.validate_every": 2,
+            "train.validation_samples": 2,
+            "train.validation_steps": 2,
+            "eval.every": 2,
+            "eval.samples": 2,
+            "eval.sampler_steps": 2,
+        },
+    )
+    run = tmp_path / "run"
+    _finish(_start_two_processes(run, overrides, tmp_path / "out.npz"), timeout=900)
+    assert sorted(p.name for p in run.glob("*.png")) == ["val_0000002.png"]
+    assert _logged_steps(run / "eval.jsonl") == [0, 2]
+    assert _logged_steps(run / "metrics.jsonl") == [1, 2]
+    processes = np.load(tmp_path / "out.npz")["mesh_processes"]
+    np.testing.assert_array_equal(processes, [[0, 0], [1, 1]])  # ("data", "fsdp")
 
 
 @pytest.mark.slow  # whole training runs; the fast tier trains one (export_cli)

@@ -6,6 +6,9 @@ no sample with a training set made by `cn-jax data fill50k` with another seed;
 the initial noise is fixed too, so two evaluations differ only by the weights.
 At step 0 a ControlNet's zero convolutions make the result exactly the base
 model's: the curve starts at the base's own (chance) IoU.
+
+In a multi-process run every process calls the evaluator (the same program on
+the global parameters, the same host inputs) and gets the same scores.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from cn_jax.diffusion.guidance import generation_program
 from cn_jax.diffusion.samplers import make_sampler
 from cn_jax.eval.circles import disk_mask, iou, score_batch
 from cn_jax.tokenizer import tokenize
+from cn_jax.train.sharding import to_host
 
 HELD_OUT_SEED = 999_983  # no `cn-jax data fill50k --seed` default or demo uses it
 
@@ -89,12 +93,15 @@ class ControlEvaluator:
         factor = 1 if vae is None else vae.config.latent_factor
         shape = (num_samples, resolution // factor, resolution // factor, unet.config.in_channels)
         noise = jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
-        self.latents = noise * self.sampler.init_noise_sigma
-        self.cond = jnp.asarray(self.held_out.conditions, jnp.float32) / 255.0
+        # Host arrays, the same on every process: jit replicates them over the
+        # mesh of the (possibly multi-process) parameters.
+        self.latents = np.asarray(noise * self.sampler.init_noise_sigma)
+        self.cond = self.held_out.conditions.astype(np.float32) / 255.0
 
     def images(self, params: dict[str, Any]) -> np.ndarray:
         """uint8 (N, H, W, 3) samples of the held-out set with `params` (a full tree:
-        "unet", "text_encoder", optional "controlnet" and "vae")."""
+        "unet", "text_encoder", optional "controlnet" and "vae"). In a multi-process
+        run every process calls it and gets all of them."""
         generate = generation_program(
             self.unet, self.controlnet, self.text_encoder, self.vae, self.scaling_factor
         )
@@ -103,7 +110,7 @@ class ControlEvaluator:
             params, self.ids, self.empty_ids, self.cond, self.latents, self.sampler,
             self.guidance_scale,
         )  # fmt: skip
-        return to_uint8(jax.device_get(x))
+        return to_uint8(to_host(x))
 
     def __call__(self, params: dict[str, Any]) -> dict[str, float]:
         """Mean iou, roundness, colour_adherence, background_adherence, and seconds."""

@@ -357,7 +357,8 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
                     "config": config.model_dump(),
                 }
                 ckpt.save(done, state, meta)
-            if tc.validate_every and done % tc.validate_every == 0 and proc == 0:
+            if tc.validate_every and done % tc.validate_every == 0:
+                # Every process: the params may be split over all of them.
                 _validate(config, models, state, frozen, sd, dataset, workdir, done)
             if evaluator is not None and (done % config.eval.every == 0 or done == tc.max_steps):
                 _evaluate(evaluator, state, frozen, done, workdir, writer, bar, proc)
@@ -437,7 +438,8 @@ def _evaluate(evaluator, state, frozen, step, workdir: Path, writer, bar, proc) 
 
 
 def _validate(config, models, state, frozen, sd, dataset, workdir, step) -> None:
-    """Write a PNG grid (condition | sample) from the current model."""
+    """Write a PNG grid (condition | sample) from the current model: every process
+    samples, process 0 writes."""
     from cn_jax.train.validation import validation_grid
 
     validation_grid(config, models, state, frozen, sd, dataset, workdir / f"val_{step:07d}.png")
