@@ -134,6 +134,9 @@ def test_synthetic_batch_ranges():
     assert -1 <= b["pixel_values"].min() and b["pixel_values"].max() <= 1
     assert 0 <= b["conditioning_pixel_values"].min() <= b["conditioning_pixel_values"].max() <= 1
     assert 0 <= b["input_ids"].min() and b["input_ids"].max() < 7
+    spec = {k: s(v.shape, np.uint8) for k, v in spec.items() if "pixel" in k}
+    b = synthetic_batch(spec, vocab_size=7)  # as the loader sends 8-bit data
+    assert all(v.dtype == np.uint8 and v.max() > 200 for v in b.values())
 
 
 def test_peak_table():

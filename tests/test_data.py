@@ -763,15 +763,25 @@ def test_corrupt_image_raises_naming_the_file_or_is_skipped(tmp_path, fill_dir):
 def test_outputs_tokenize_channels_wait_and_close(fill_dir):
     ds = open_dataset(fill_dir)
 
+    import threading
+
+    threads = set()
+
     def tokenize(captions):
+        threads.add(threading.current_thread().name)
         return np.array([[len(c), 1, 2] for c in captions], dtype=np.int64)
 
     loader = Loader(ds, 4, 8, seed=0, conditioning_channels=1, tokenize=tokenize)
     batch = next(loader)
     assert batch["conditioning_pixel_values"].shape == (4, 8, 8, 1)
     assert batch["pixel_values"].shape == (4, 8, 8, 3)
+    assert batch["pixel_values"].dtype == batch["conditioning_pixel_values"].dtype == np.uint8
     assert batch["input_ids"].dtype == np.int32 and batch["input_ids"].shape == (4, 3)
     assert "captions" not in batch and batch["index"].dtype == np.int64
+    with Loader(ds, 4, 8, seed=0, conditioning_channels=1, num_workers=0) as plain:
+        captions = next(plain)["captions"]
+    assert batch["input_ids"][:, 0].tolist() == [len(c) for c in captions]  # row order kept
+    assert threads and all(t.startswith("cn_jax-decode") for t in threads)  # not this thread
     assert loader.wait_seconds > 0
     producer = loader._producer
     loader.close()
@@ -794,3 +804,71 @@ def test_small_dataset_last_batch_and_epochs():
     with Loader(ds, 4, 4, seed=0, num_epochs=1, num_workers=0) as loader:
         plain = list(loader)
     assert len(plain) == 2 and "mask" not in plain[0]
+
+
+# --------------------------------------------------------------------------- transport
+
+
+def _as_model_floats(batch: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A transported batch mapped to the models' floats by the train step's own functions."""
+    import jax
+
+    from cn_jax.train.step import condition_to_model_range, image_to_model_range
+
+    to_image, to_cond = jax.jit(image_to_model_range), jax.jit(condition_to_model_range)
+    return (
+        np.asarray(to_image(batch["pixel_values"])),
+        np.asarray(to_cond(batch["conditioning_pixel_values"])),
+    )
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_uint8_transport_is_bit_exact_to_float_batches(fill_dir, channels):
+    """uint8 batches, mapped to floats inside the jitted step, equal the float32 batches the
+    loader made on the host before (random crops and flips, a resize: 64 px -> 24 px)."""
+    ds = open_dataset(fill_dir)
+    kw = dict(random_crop=True, random_flip=True, num_workers=0, conditioning_channels=channels)
+    with Loader(ds, 4, 24, seed=7, **kw) as loader:
+        ints = _take(loader, 2)
+    with Loader(ds, 4, 24, seed=7, image_dtype="float32", condition_dtype="float32", **kw) as ld:
+        floats = _take(ld, 2)
+    for a, b in zip(ints, floats):
+        assert a["pixel_values"].dtype == a["conditioning_pixel_values"].dtype == np.uint8
+        assert b["pixel_values"].dtype == np.float32
+        image, cond = _as_model_floats(a)
+        np.testing.assert_array_equal(image, b["pixel_values"])
+        np.testing.assert_array_equal(cond, b["conditioning_pixel_values"])
+        np.testing.assert_array_equal(a["index"], b["index"])
+
+
+def test_16_bit_conditions_travel_as_uint16(caplog):
+    """A 16-bit condition keeps its depth: "auto" sends it as uint16 (the 8-bit target as
+    uint8), exact where no resize interpolates; uint8 asked for rounds it, with a warning."""
+    rng = np.random.default_rng(0)
+    rows = [
+        {
+            "image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
+            "conditioning_image": rng.integers(0, 65536, (8, 8), dtype=np.uint16),
+            "caption": "x",
+        }
+        for _ in range(8)
+    ]
+    kw = dict(conditioning_channels=1, num_workers=0)
+    with Loader(rows, 4, 8, seed=0, **kw) as loader:
+        assert (loader.image_dtype, loader.condition_dtype) == (np.uint8, np.uint16)
+        batch = next(loader)
+    with Loader(rows, 4, 8, seed=0, image_dtype="float32", condition_dtype="float32", **kw) as ld:
+        want = next(ld)
+    assert batch["conditioning_pixel_values"].dtype == np.uint16
+    image, cond = _as_model_floats(batch)
+    np.testing.assert_array_equal(image, want["pixel_values"])
+    np.testing.assert_array_equal(cond, want["conditioning_pixel_values"])
+    with caplog.at_level("WARNING", logger="cn_jax.data.loader"):
+        with Loader(rows, 4, 8, seed=0, condition_dtype="uint8", **kw) as loader:
+            coarse = next(loader)["conditioning_pixel_values"]
+    assert "rounded to 8 bits" in caplog.text
+    assert coarse.dtype == np.uint8
+    _, coarse = _as_model_floats({**batch, "conditioning_pixel_values": coarse})
+    np.testing.assert_allclose(coarse, want["conditioning_pixel_values"], atol=0.5 / 255 + 1e-6)
+    with pytest.raises(ValueError, match="float32 together"):
+        Loader(rows, 4, 8, seed=0, image_dtype="float32")

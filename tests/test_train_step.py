@@ -18,7 +18,7 @@ from cn_jax.train.state import (
     merge,
     split,
 )
-from cn_jax.train.step import make_train_step
+from cn_jax.train.step import image_to_model_range, make_train_step
 
 # What `build` reads of `train`: the other fields (optimizer, EMA) share one build.
 _BUILD_FIELDS = {"trainable", "seed", "precision", "remat"}
@@ -47,8 +47,9 @@ def _batch(sd, n=8, seed=0):
 
     prompts = ["red circle with navy blue background", ""] * (n // 2)
     return {
-        "pixel_values": rng.uniform(-1, 1, (n, 32, 32, 3)).astype(np.float32),
-        "conditioning_pixel_values": rng.uniform(0, 1, (n, 32, 32, 3)).astype(np.float32),
+        # uint8, as the loader sends 8-bit data: the step maps them to [-1, 1] and [0, 1].
+        "pixel_values": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+        "conditioning_pixel_values": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
         "input_ids": tokenize(sd.tokenizer, prompts, 16),
     }
 
@@ -259,7 +260,7 @@ def test_a_bfloat16_step_trains_on_bfloat16_frozen_weights():
 @pytest.mark.slow  # a train step compile each; the fast tier keeps the frozen/trainable split
 def test_remat_gives_the_same_gradients():
     _, models, params, sd = _setup()
-    x = jnp.asarray(_batch(sd, 2)["pixel_values"])
+    x = image_to_model_range(jnp.asarray(_batch(sd, 2)["pixel_values"]))
     # Random text states: with identical ones every cross-attention is uniform, the
     # true gradients of its to_q / to_k / norm2 are exactly zero and what both runs
     # return there is rounding noise (1e-7), which no relative check can compare.
@@ -337,3 +338,18 @@ def test_clipping_fuses_into_the_update():
     assert temp < 0.1 * grad_bytes, (temp, grad_bytes)
     p, s = compiled(params, grads, tx.init(params))
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(p))
+
+
+def test_uint8_batch_trains_exactly_as_its_float_twin():
+    """The loader sends uint8; the step maps it to floats bit-identical to the float32
+    batch the host made before (x / 127.5 - 1, x / 255): the same loss and update."""
+    batch = _batch(_setup()[3])
+    twin = dict(
+        batch,
+        pixel_values=batch["pixel_values"].astype(np.float32) / np.float32(127.5) - 1.0,
+        conditioning_pixel_values=batch["conditioning_pixel_values"] / np.float32(255.0),
+    )
+    a, b = _run(steps=1, batch=batch), _run(steps=1, batch=twin)
+    assert a[4] == b[4]
+    for k, v in _leaves(a[0].params).items():
+        np.testing.assert_array_equal(v, _leaves(b[0].params)[k], err_msg=k)

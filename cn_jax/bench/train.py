@@ -70,18 +70,19 @@ def abstract_build(config: Config):
 def batch_spec(config: Config, models: StepModels, params: dict) -> dict[str, jax.ShapeDtypeStruct]:
     """Keys, shapes and dtypes of one global batch, as the loader (and cache) give them.
 
-    Without `data.cache_latents`: pixels in [-1, 1], conditions in [0, 1],
-    token ids. With it: the cached text embeddings (`encoder_hidden_states`)
-    and VAE posteriors (`latent_mean`, `latent_logvar`), or the pixels of a
+    Without `data.cache_latents`: uint8 pixels and conditions (the loader's
+    transport of 8-bit data; the step maps them to [-1, 1] and [0, 1]), token
+    ids. With it: the cached text embeddings (`encoder_hidden_states`) and VAE
+    posteriors (`latent_mean`, `latent_logvar`), or the pixels of a
     pixel-space model; dtypes as the frozen encoders produce them.
     """
     b, r = config.train.batch_size, config.data.resolution
     te_cfg = models.text_encoder.config
     pixel_channels = models.vae.config.in_channels if models.vae else models.unet.config.in_channels
     spec = {
-        "pixel_values": jax.ShapeDtypeStruct((b, r, r, pixel_channels), jnp.float32),
+        "pixel_values": jax.ShapeDtypeStruct((b, r, r, pixel_channels), jnp.uint8),
         "conditioning_pixel_values": jax.ShapeDtypeStruct(
-            (b, r, r, config.model.conditioning_channels), jnp.float32
+            (b, r, r, config.model.conditioning_channels), jnp.uint8
         ),
         "input_ids": jax.ShapeDtypeStruct((b, te_cfg.max_position_embeddings), jnp.int32),
     }
@@ -97,7 +98,7 @@ def batch_spec(config: Config, models: StepModels, params: dict) -> dict[str, ja
         mean, logvar = jax.eval_shape(
             lambda p, x: models.vae.apply({"params": p}, x, method="encode"),
             params["vae"],
-            spec.pop("pixel_values"),
+            jax.ShapeDtypeStruct(spec.pop("pixel_values").shape, jnp.float32),
         )
         spec["latent_mean"], spec["latent_logvar"] = mean, logvar
     return spec
@@ -112,10 +113,13 @@ def synthetic_batch(
     for key, s in spec.items():
         if key == "input_ids":
             x = rng.integers(0, vocab_size, s.shape)
-        elif key == "pixel_values":
-            x = rng.uniform(-1.0, 1.0, s.shape)
-        elif key == "conditioning_pixel_values":
-            x = rng.uniform(0.0, 1.0, s.shape)
+        elif key in ("pixel_values", "conditioning_pixel_values"):
+            if np.issubdtype(s.dtype, np.integer):  # transported pixels: the dtype's range
+                x = rng.integers(0, np.iinfo(s.dtype).max, s.shape, endpoint=True)
+            elif key == "pixel_values":
+                x = rng.uniform(-1.0, 1.0, s.shape)
+            else:
+                x = rng.uniform(0.0, 1.0, s.shape)
         elif key == "latent_logvar":
             x = rng.normal(-2.0, 0.1, s.shape)  # std about 0.37
         else:  # latent_mean, encoder_hidden_states

@@ -15,13 +15,24 @@ indices ``order[b*G : (b+1)*G]`` and process p of P keeps rows ``[p*G/P, (p+1)*G
 
 Threads: a producer thread walks the batch positions and submits one decode task per sample
 to a pool of `num_workers` threads (PIL releases the GIL while decoding and resizing), each
-writing its row straight into the batch's preallocated arrays; up to `prefetch` submitted
-batches wait in a queue. `__next__` takes the oldest one, waits for its tasks (a task's
-`BadSampleError` is re-raised there, on the consumer thread) and tokenizes the captions.
+writing its row straight into the batch's preallocated arrays and tokenizing its caption;
+up to `prefetch` submitted batches wait in a queue. `__next__` takes the oldest one and
+waits for its tasks (a task's `BadSampleError` is re-raised there, on the consumer thread):
+the training thread only stacks the token ids.
+
+Transport: pixels leave the loader as integers, uint8 for 8-bit sources (a quarter of the
+host-to-device bytes of float32), and the jitted train step maps them to the models'
+float ranges by the same formulas (`cn_jax.train.step.image_to_model_range`: bit-identical
+floats). A source deeper than 8 bits (16-bit PNG depth maps) is sent as uint16 on 0..65535
+so it keeps its depth: with ``"auto"`` each of image and condition is uint16 when any of
+the first rows' is deeper than 8 bits (one dtype for the whole run: the step is compiled
+for it), else uint8; a deeper row met later in a uint8 stream is rounded to 8 bits, with
+one warning.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import queue
@@ -35,13 +46,22 @@ from typing import Any
 import numpy as np
 
 from cn_jax.data.sources import RECORD_COLUMNS, open_dataset
-from cn_jax.data.transforms import BadSampleError, preprocess_pair
+from cn_jax.data.transforms import (
+    BadSampleError,
+    preprocess_pair,
+    preprocess_pair_pixels,
+    source_is_deep,
+)
+
+log = logging.getLogger(__name__)
 
 # Domain tags, so the order generator and the per-sample generators never share a seed.
 ORDER_TAG = 0x0D
 SAMPLE_TAG = 0x5A
 ON_BAD_SAMPLE = ("error", "skip")
 POSITION_KEYS = ("epoch", "batch", "skipped")
+PIXEL_DTYPES = ("auto", "uint8", "uint16", "float32")
+PROBE_ROWS = 4  # rows whose depth "auto" reads to pick uint8 or uint16
 
 
 def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
@@ -103,7 +123,7 @@ class _Pending:
     batch: int
     positions: np.ndarray  # positions in the epoch order, before wrapping (for the mask)
     futures: list[Future] | None
-    results: list[tuple[int, str, int]] | None  # filled directly when decoding inline
+    results: list[tuple[int, str, int, Any]] | None  # filled directly when decoding inline
     pixels: np.ndarray
     conditions: np.ndarray
 
@@ -123,8 +143,10 @@ class Loader:
 
     Each item is a dict of numpy arrays for `global_batch_size // process_count` rows:
 
-    - ``pixel_values``: (n, R, R, 3) float32 in [-1, 1], the target images;
-    - ``conditioning_pixel_values``: (n, R, R, C) float32 in [0, 1], the conditions;
+    - ``pixel_values``: (n, R, R, 3) uint8 (or uint16 on 0..65535, see the module
+      docstring; float32 in [-1, 1] with ``image_dtype="float32"``), the target images;
+    - ``conditioning_pixel_values``: (n, R, R, C) uint8 / uint16 (float32 in [0, 1] with
+      ``condition_dtype="float32"``), the conditions;
     - ``input_ids``: (n, L) int32 if `tokenize` is given, else ``captions``: list of n str
       (after prompt dropout: a dropped prompt is "");
     - ``index``: (n,) int64, the dataset rows used (after bad-sample replacement);
@@ -163,6 +185,8 @@ class Loader:
         start_position: Mapping[str, Any] | None = None,
         drop_last: bool = True,
         num_epochs: int | None = None,
+        image_dtype: str = "auto",
+        condition_dtype: str = "auto",
     ):
         """Set up the loader; no thread starts before the first batch is asked for.
 
@@ -183,11 +207,15 @@ class Loader:
           prefetch: submitted batches queued ahead of the consumer (>= 1).
           process_index: this process's index p.
           process_count: the number of processes P; must divide `global_batch_size`.
-          tokenize: list of captions -> (n, L) integer array; without it batches carry the
-            captions as strings.
+          tokenize: list of captions -> (n, L) integer array, called by the worker threads
+            with one caption at a time (it must be thread-safe: a slow, pure-Python HF
+            tokenizer is); without it batches carry the captions as strings.
           start_position: a `position` from an earlier run, to resume from.
           drop_last: drop an epoch's last, short batch; False pads it (see ``mask``).
           num_epochs: stop after this many epochs (counted from epoch 0); None: never stop.
+          image_dtype, condition_dtype: how the target images and the conditions travel:
+            "uint8", "uint16", "float32" (model ranges, made on the host), or "auto" (uint16
+            if one of the first `PROBE_ROWS` rows is deeper than 8 bits, else uint8).
 
         Raises:
           ValueError: an argument is out of range, the dataset is smaller than the global
@@ -232,6 +260,8 @@ class Loader:
             f"{process_count}",
         )
         _check(num_epochs is None or num_epochs >= 1, f"num_epochs must be >= 1, got {num_epochs}")
+        for name, value in (("image_dtype", image_dtype), ("condition_dtype", condition_dtype)):
+            _check(value in PIXEL_DTYPES, f"{name} must be one of {PIXEL_DTYPES}, got {value!r}")
         _check(
             num_examples >= global_batch_size,
             f"the dataset has {num_examples} examples, fewer than global_batch_size "
@@ -256,6 +286,13 @@ class Loader:
         self.tokenize = tokenize
         self.drop_last = drop_last
         self.num_epochs = num_epochs
+        _check(
+            (image_dtype == "float32") == (condition_dtype == "float32"),
+            "image_dtype and condition_dtype are float32 together or not at all",
+        )
+        self.image_dtype = self._transport(image_dtype, "image")
+        self.condition_dtype = self._transport(condition_dtype, "conditioning_image")
+        self._quantised_warned = False
         if drop_last:
             self.steps_per_epoch = num_examples // global_batch_size
         else:
@@ -366,6 +403,19 @@ class Loader:
             )
         return epoch, batch, skipped
 
+    def _transport(self, dtype: str, column: str) -> np.dtype:
+        """The dtype a column travels in; "auto" reads the first rows' depth."""
+        if dtype != "auto":
+            return np.dtype(dtype)
+        for index in range(min(PROBE_ROWS, self.num_examples)):
+            try:
+                value = self.dataset[index][column]
+            except Exception:  # a bad row: reported where it is used, by on_bad_sample
+                continue
+            if source_is_deep(value):
+                return np.dtype(np.uint16)
+        return np.dtype(np.uint8)
+
     def _advance(self, epoch: int, batch: int) -> tuple[int, int]:
         batch += 1
         return (epoch + 1, 0) if batch == self.steps_per_epoch else (epoch, batch)
@@ -384,8 +434,8 @@ class Loader:
         n, r = self.local_batch_size, self.resolution
         first = batch * self.global_batch_size + self.process_index * n
         positions = np.arange(first, first + n)
-        pixels = np.empty((n, r, r, 3), np.float32)
-        conditions = np.empty((n, r, r, self.conditioning_channels), np.float32)
+        pixels = np.empty((n, r, r, 3), self.image_dtype)
+        conditions = np.empty((n, r, r, self.conditioning_channels), self.condition_dtype)
         order = self._order(epoch)
         pending = _Pending(epoch, batch, positions, None, None, pixels, conditions)
         args = [(epoch, order, int(j), pixels, conditions, row) for row, j in enumerate(positions)]
@@ -403,10 +453,11 @@ class Loader:
         pixels: np.ndarray,
         conditions: np.ndarray,
         row: int,
-    ) -> tuple[int, str, int]:
+    ) -> tuple[int, str, int, Any]:
         """Decode the sample at `position` of the epoch order into `row` of the batch.
 
-        Returns (dataset index used, caption after dropout, samples skipped before it).
+        Returns (dataset index used, caption after dropout, samples skipped before it, its
+        token ids or None): the caption is tokenized here, on the worker thread.
         """
         n = len(order)
         for attempt in range(n):
@@ -425,15 +476,26 @@ class Loader:
                     self.random_crop,
                     self.random_flip,
                 )
-                pixels[row], conditions[row] = preprocess_pair(
-                    record["image"],
-                    record["conditioning_image"],
-                    self.resolution,
-                    conditioning_channels=self.conditioning_channels,
-                    crop=choices.crop,
-                    flip=choices.flip,
-                    row=index,
-                )
+                pair = (record["image"], record["conditioning_image"], self.resolution)
+                geometry = dict(
+                    conditioning_channels=self.conditioning_channels, crop=choices.crop,
+                    flip=choices.flip, row=index,
+                )  # fmt: skip
+                if self.image_dtype == np.float32 and self.condition_dtype == np.float32:
+                    pixels[row], conditions[row] = preprocess_pair(*pair, **geometry)
+                else:
+                    pixels[row], conditions[row], quantised = preprocess_pair_pixels(
+                        *pair, **geometry, image_dtype=self.image_dtype,
+                        condition_dtype=self.condition_dtype,
+                    )  # fmt: skip
+                    if quantised and not self._quantised_warned:
+                        self._quantised_warned = True
+                        log.warning(
+                            "row %d is deeper than 8 bits but this run sends its images as "
+                            "uint8 (chosen from the first rows): rounded to 8 bits; set "
+                            "image_dtype / condition_dtype to uint16 to keep the depth",
+                            index,
+                        )
             except BadSampleError:
                 if self.on_bad_sample == "error":
                     raise
@@ -441,24 +503,25 @@ class Loader:
             caption = (
                 "" if choices.drop_prompt else pick_caption(record["caption"], choices.caption_u)
             )
-            return index, caption, attempt
+            ids = None if self.tokenize is None else np.asarray(self.tokenize([caption]))
+            return index, caption, attempt, ids
         raise BadSampleError(f"no sample of the {n} in the dataset could be decoded")
 
     def _finish(self, pending: _Pending) -> dict[str, Any]:
-        """Turn a completed batch into the output dict (tokenizing on this thread)."""
-        indices, captions, skipped = zip(*pending.results)
+        """Turn a completed batch into the output dict (its rows tokenized by the workers)."""
+        indices, captions, skipped, row_ids = zip(*pending.results)
         out: dict[str, Any] = {
             "pixel_values": pending.pixels,
             "conditioning_pixel_values": pending.conditions,
         }
         if self.tokenize is not None:
-            ids = np.asarray(self.tokenize(list(captions)))
-            if ids.ndim != 2 or ids.shape[0] != len(captions):
+            shapes = {r.shape for r in row_ids}
+            if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[0] != 1:
                 raise ValueError(
-                    f"tokenize returned shape {ids.shape} for {len(captions)} captions; "
-                    "expected (batch, length)"
+                    f"tokenize returned shapes {sorted(shapes)} for one caption each; "
+                    "expected (1, length), the same length for every caption"
                 )
-            out["input_ids"] = ids.astype(np.int32)
+            out["input_ids"] = np.concatenate(row_ids).astype(np.int32)
         else:
             out["captions"] = list(captions)
         out["index"] = np.asarray(indices, np.int64)

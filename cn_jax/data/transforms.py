@@ -422,6 +422,18 @@ def preprocess_pair(
       BadSampleError: either image cannot be decoded (the message names which).
       ValueError: `conditioning_channels` is not 1 or 3.
     """
+    img, img_scale, cond, cond_scale = _pair_planes(
+        image, conditioning_image, resolution, conditioning_channels, crop, flip, row
+    )
+    # Written as the 8-bit formulas (x / 127.5 - 1, x / 255) so 8-bit results stay bit-exact.
+    pixels = planes_to_array(img, img_scale, 3) / np.float32(img_scale / 2) - 1.0
+    condition = planes_to_array(cond, cond_scale, conditioning_channels) / np.float32(cond_scale)
+    return pixels, condition
+
+
+def _pair_planes(image, conditioning_image, resolution, conditioning_channels, crop, flip, row):
+    """Steps 1-4 of the module docstring: both images decoded, aligned, resized, cropped and
+    flipped alike, as PIL planes with their scales (see `decode_planes`)."""
     if conditioning_channels not in (1, 3):
         raise ValueError(f"conditioning_channels must be 1 or 3, got {conditioning_channels}")
     img, img_scale = decode_planes(image, 3, row=row, column="image")
@@ -438,10 +450,69 @@ def preprocess_pair(
     if flip:
         img = [p.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for p in img]
         cond = [p.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for p in cond]
-    # Written as the 8-bit formulas (x / 127.5 - 1, x / 255) so 8-bit results stay bit-exact.
-    pixels = planes_to_array(img, img_scale, 3) / np.float32(img_scale / 2) - 1.0
-    condition = planes_to_array(cond, cond_scale, conditioning_channels) / np.float32(cond_scale)
-    return pixels, condition
+    return img, img_scale, cond, cond_scale
+
+
+TRANSPORT_DTYPES = (np.uint8, np.uint16)
+
+
+def planes_to_int(planes: list[Image.Image], scale: float, channels: int, dtype) -> np.ndarray:
+    """`decode_planes`' images (after geometry) -> (H, W, channels) `dtype` pixels for
+    transport: uint8 on 0..255 or uint16 on 0..65535. An 8-bit image is exact in both (v, or
+    v * 257, which the step maps to the same float as v / 255); float planes are rounded to
+    the nearest step of the dtype (to uint8 only if asked: a 16-bit source then loses its low
+    bits, see `Loader`)."""
+    dtype = np.dtype(dtype)
+    if scale == 255.0:
+        arr = np.asarray(planes[0], np.uint8)
+        arr = arr if dtype == np.uint8 else arr.astype(np.uint16) * np.uint16(257)
+    else:
+        top = 255.0 if dtype == np.uint8 else 65535.0
+        arr = np.rint(planes_to_array(planes, 1.0, None) * np.float32(top)).astype(dtype)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.shape[-1] != channels:
+        arr = np.repeat(arr, channels, axis=-1)
+    return arr
+
+
+def preprocess_pair_pixels(
+    image: Any,
+    conditioning_image: Any,
+    resolution: int,
+    *,
+    conditioning_channels: int = 3,
+    crop: tuple[float, float] = (0.5, 0.5),
+    flip: bool = False,
+    row: int | None = None,
+    image_dtype=np.uint8,
+    condition_dtype=np.uint8,
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """`preprocess_pair` as integer pixels, what the loader sends to the device (the train
+    step maps them to the model's float ranges: `cn_jax.train.step.image_to_model_range`).
+
+    Returns:
+      ``(pixels, condition, quantised)``: (R, R, 3) `image_dtype` and (R, R, C)
+      `condition_dtype` arrays, and whether a source deeper than 8 bits was rounded to uint8.
+    """
+    img, img_scale, cond, cond_scale = _pair_planes(
+        image, conditioning_image, resolution, conditioning_channels, crop, flip, row
+    )
+    pixels = planes_to_int(img, img_scale, 3, image_dtype)
+    condition = planes_to_int(cond, cond_scale, conditioning_channels, condition_dtype)
+    quantised = (img_scale != 255.0 and np.dtype(image_dtype) == np.uint8) or (
+        cond_scale != 255.0 and np.dtype(condition_dtype) == np.uint8
+    )
+    return pixels, condition, quantised
+
+
+def source_is_deep(value: Any) -> bool:
+    """Whether a stored image is deeper than 8 bits (16-bit, mode I/F, uint16/float arrays);
+    False for an unreadable one (the loader reports it where it is used)."""
+    try:
+        return decode_planes(value)[1] != 255.0
+    except BadSampleError:
+        return False
 
 
 def to_uint8(images: np.ndarray, low: float = -1.0) -> np.ndarray:

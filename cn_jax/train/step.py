@@ -77,18 +77,61 @@ def draw_randomness(models: StepModels, batch: dict, rng: jax.Array, num_timeste
     }
 
 
+def _lookup(table: np.ndarray, x: jax.Array) -> jax.Array:
+    return jnp.asarray(table).at[x.astype(jnp.int32)].get(mode="promise_in_bounds")
+
+
+# What the loader's float formulas give for every transported value, computed by numpy:
+# a table lookup in the step is bit-identical to them, where XLA turns a division by a
+# constant into a multiplication by its reciprocal (205 of the 256 uint8 values 1 ulp off).
+_U8 = np.arange(256, dtype=np.float32)
+_U16 = np.arange(65536, dtype=np.float32)
+_IMAGE_U8 = _U8 / np.float32(127.5) - 1.0
+_IMAGE_U16 = _U16 / np.float32(32767.5) - 1.0
+_COND_U8 = _U8 / np.float32(255.0)
+_COND_U16 = _U16 / np.float32(65535.0)
+
+
+def image_to_model_range(x: jax.Array) -> jax.Array:
+    """Target pixels as the loader transports them -> float32 in [-1, 1], inside the step.
+
+    uint8 (8-bit sources) is x / 127.5 - 1 and uint16 (deeper sources, on 0..65535)
+    x / 32767.5 - 1, by table: bit-identical to a float32 batch made on the host (an 8-bit
+    value v sent as v * 257 too), for a quarter (half) of the host-to-device bytes. Float
+    input is taken as already in [-1, 1].
+    """
+    if x.dtype == jnp.uint8:
+        return _lookup(_IMAGE_U8, x)
+    if x.dtype == jnp.uint16:
+        return _lookup(_IMAGE_U16, x)
+    return x
+
+
+def condition_to_model_range(x: jax.Array) -> jax.Array:
+    """Conditions as transported -> float32 in [0, 1]: uint8 / 255, uint16 / 65535 (an
+    8-bit value v sent as v * 257 gives the same float as v / 255), by table; float as it
+    is."""
+    if x.dtype == jnp.uint8:
+        return _lookup(_COND_U8, x)
+    if x.dtype == jnp.uint16:
+        return _lookup(_COND_U16, x)
+    return x
+
+
 def encode_batch(models: StepModels, params: dict, batch: dict, vae_noise: jax.Array) -> tuple:
     """Latents and text context of a batch (frozen models; or the cached ones)."""
     if "latents" in batch:
         latents = batch["latents"]
     elif models.vae is None:
-        latents = batch["pixel_values"]
+        latents = image_to_model_range(batch["pixel_values"])
     else:
         if "latent_mean" in batch:  # data.cache_latents: the posterior was precomputed
             mean, logvar = batch["latent_mean"], batch["latent_logvar"]
         else:
             mean, logvar = models.vae.apply(
-                {"params": params["vae"]}, batch["pixel_values"], method="encode"
+                {"params": params["vae"]},
+                image_to_model_range(batch["pixel_values"]),
+                method="encode",
             )
         std = jnp.exp(0.5 * logvar.astype(jnp.float32))
         latents = (mean.astype(jnp.float32) + std * vae_noise) * models.scaling_factor
@@ -122,7 +165,7 @@ def loss_fn(
             noisy,
             t,
             context,
-            batch["conditioning_pixel_values"],
+            condition_to_model_range(batch["conditioning_pixel_values"]),
         )
     pred = models.unet.apply(
         {"params": params["unet"]},
