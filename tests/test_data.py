@@ -872,3 +872,62 @@ def test_16_bit_conditions_travel_as_uint16(caplog):
     np.testing.assert_allclose(coarse, want["conditioning_pixel_values"], atol=0.5 / 255 + 1e-6)
     with pytest.raises(ValueError, match="float32 together"):
         Loader(rows, 4, 8, seed=0, image_dtype="float32")
+
+
+def test_images_false_reads_only_the_target_size(fill_dir, tmp_path):
+    """Cached latents need no target pixels: ``images=False`` reads only each target's size
+    (the condition's geometry is unchanged), so a target whose pixels are truncated still
+    gives the same conditions, and batches carry no ``pixel_values``."""
+    ds = [dict(r) for r in open_dataset(fill_dir)]
+    truncated = tmp_path / "truncated.png"
+    data = Path(ds[0]["image"]).read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])  # header intact, pixels cut
+    for r in ds:
+        r["image"] = str(truncated)
+    kw = dict(random_crop=True, random_flip=True, num_workers=1)
+    with Loader(open_dataset(fill_dir), 4, 24, seed=3, **kw) as loader:
+        want = _take(loader, 2)
+    with Loader(ds, 4, 24, seed=3, images=False, **kw) as loader:
+        got = _take(loader, 2)
+    for a, b in zip(got, want):
+        assert "pixel_values" not in a
+        np.testing.assert_array_equal(
+            a["conditioning_pixel_values"], b["conditioning_pixel_values"]
+        )
+    with Loader(ds, 4, 24, seed=3, num_workers=0) as loader, pytest.raises(BadSampleError):
+        next(loader)  # reading the pixels of that target fails
+
+
+def test_images_false_keeps_the_geometry_of_a_condition_of_another_size():
+    rng = np.random.default_rng(1)
+    rows = [
+        {
+            "image": rng.integers(0, 256, (40, 50, 3), dtype=np.uint8),
+            "conditioning_image": rng.integers(0, 256, (20, 25, 3), dtype=np.uint8),
+            "caption": "x",
+        }
+        for _ in range(4)
+    ]
+    kw = dict(random_crop=True, random_flip=True, num_workers=0)
+    with (
+        Loader(rows, 4, 16, seed=0, **kw) as a,
+        Loader(rows, 4, 16, seed=0, images=False, **kw) as b,
+    ):
+        np.testing.assert_array_equal(
+            next(a)["conditioning_pixel_values"], next(b)["conditioning_pixel_values"]
+        )
+
+
+def test_prefetch_keeps_items_ahead_in_order():
+    from cn_jax.data.loader import prefetch
+
+    produced = []
+
+    def items():
+        for i in range(5):
+            produced.append(i)
+            yield i
+
+    it = prefetch(items(), 2)
+    assert next(it) == 0 and produced == [0, 1, 2]  # two produced ahead of the consumer
+    assert list(it) == [1, 2, 3, 4]

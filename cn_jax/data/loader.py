@@ -32,16 +32,17 @@ one warning.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -54,6 +55,7 @@ from cn_jax.data.transforms import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Domain tags, so the order generator and the per-sample generators never share a seed.
 ORDER_TAG = 0x0D
@@ -124,7 +126,7 @@ class _Pending:
     positions: np.ndarray  # positions in the epoch order, before wrapping (for the mask)
     futures: list[Future] | None
     results: list[tuple[int, str, int, Any]] | None  # filled directly when decoding inline
-    pixels: np.ndarray
+    pixels: np.ndarray | None  # None: the loader reads no target images
     conditions: np.ndarray
 
 
@@ -187,6 +189,7 @@ class Loader:
         num_epochs: int | None = None,
         image_dtype: str = "auto",
         condition_dtype: str = "auto",
+        images: bool = True,
     ):
         """Set up the loader; no thread starts before the first batch is asked for.
 
@@ -216,6 +219,9 @@ class Loader:
           image_dtype, condition_dtype: how the target images and the conditions travel:
             "uint8", "uint16", "float32" (model ranges, made on the host), or "auto" (uint16
             if one of the first `PROBE_ROWS` rows is deeper than 8 bits, else uint8).
+          images: False: do not decode the target images (only their sizes are read, for
+            the condition's geometry) and leave ``pixel_values`` out of the batches; for
+            training on cached latents.
 
         Raises:
           ValueError: an argument is out of range, the dataset is smaller than the global
@@ -290,7 +296,12 @@ class Loader:
             (image_dtype == "float32") == (condition_dtype == "float32"),
             "image_dtype and condition_dtype are float32 together or not at all",
         )
-        self.image_dtype = self._transport(image_dtype, "image")
+        _check(
+            images or image_dtype != "float32",
+            "images=False sends conditions as integers: not with float32 transport",
+        )
+        self.images = images
+        self.image_dtype = self._transport(image_dtype, "image") if images else np.dtype("uint8")
         self.condition_dtype = self._transport(condition_dtype, "conditioning_image")
         self._quantised_warned = False
         if drop_last:
@@ -434,7 +445,7 @@ class Loader:
         n, r = self.local_batch_size, self.resolution
         first = batch * self.global_batch_size + self.process_index * n
         positions = np.arange(first, first + n)
-        pixels = np.empty((n, r, r, 3), self.image_dtype)
+        pixels = np.empty((n, r, r, 3), self.image_dtype) if self.images else None
         conditions = np.empty((n, r, r, self.conditioning_channels), self.condition_dtype)
         order = self._order(epoch)
         pending = _Pending(epoch, batch, positions, None, None, pixels, conditions)
@@ -484,10 +495,12 @@ class Loader:
                 if self.image_dtype == np.float32 and self.condition_dtype == np.float32:
                     pixels[row], conditions[row] = preprocess_pair(*pair, **geometry)
                 else:
-                    pixels[row], conditions[row], quantised = preprocess_pair_pixels(
+                    image, conditions[row], quantised = preprocess_pair_pixels(
                         *pair, **geometry, image_dtype=self.image_dtype,
-                        condition_dtype=self.condition_dtype,
+                        condition_dtype=self.condition_dtype, target=self.images,
                     )  # fmt: skip
+                    if pixels is not None:
+                        pixels[row] = image
                     if quantised and not self._quantised_warned:
                         self._quantised_warned = True
                         log.warning(
@@ -510,10 +523,9 @@ class Loader:
     def _finish(self, pending: _Pending) -> dict[str, Any]:
         """Turn a completed batch into the output dict (its rows tokenized by the workers)."""
         indices, captions, skipped, row_ids = zip(*pending.results)
-        out: dict[str, Any] = {
-            "pixel_values": pending.pixels,
-            "conditioning_pixel_values": pending.conditions,
-        }
+        out: dict[str, Any] = {"conditioning_pixel_values": pending.conditions}
+        if pending.pixels is not None:
+            out["pixel_values"] = pending.pixels
         if self.tokenize is not None:
             shapes = {r.shape for r in row_ids}
             if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[0] != 1:
@@ -571,6 +583,22 @@ class Loader:
             if isinstance(item, _Pending) and item.futures:
                 for f in item.futures:
                     f.cancel()
+
+
+def prefetch(items: Iterator[T], size: int = 2) -> Iterator[T]:
+    """Yield `items` in order, keeping `size` of them produced ahead of the consumer.
+
+    Training wraps an iterator that puts each batch on the devices: the transfer is
+    asynchronous, so the next `size` batches' copies overlap the running step instead of
+    starting when it ends.
+    """
+    buffer: collections.deque = collections.deque()
+    for item in items:
+        buffer.append(item)
+        if len(buffer) > size:
+            yield buffer.popleft()
+    while buffer:
+        yield buffer.popleft()
 
 
 def check_first_rows(

@@ -431,26 +431,63 @@ def preprocess_pair(
     return pixels, condition
 
 
-def _pair_planes(image, conditioning_image, resolution, conditioning_channels, crop, flip, row):
+def _pair_planes(
+    image, conditioning_image, resolution, conditioning_channels, crop, flip, row, target=True
+):
     """Steps 1-4 of the module docstring: both images decoded, aligned, resized, cropped and
-    flipped alike, as PIL planes with their scales (see `decode_planes`)."""
+    flipped alike, as PIL planes with their scales (see `decode_planes`). With
+    ``target=False`` only the target's size is read (its header), not its pixels: the
+    condition's geometry is the same, and the image planes come back empty."""
     if conditioning_channels not in (1, 3):
         raise ValueError(f"conditioning_channels must be 1 or 3, got {conditioning_channels}")
-    img, img_scale = decode_planes(image, 3, row=row, column="image")
+    if target:
+        img, img_scale = decode_planes(image, 3, row=row, column="image")
+        size = img[0].size
+    else:
+        img, img_scale, size = [], 255.0, image_size(image, row=row, column="image")
     cond, cond_scale = decode_planes(
         conditioning_image, conditioning_channels, row=row, column="conditioning_image"
     )
     # Geometry acts on every plane alike: one 8-bit PIL image, or one float plane per channel.
-    if cond[0].size != img[0].size:
-        cond = [p.resize(img[0].size, RESAMPLE) for p in cond]
+    if cond[0].size != size:
+        cond = [p.resize(size, RESAMPLE) for p in cond]
     img = [resize_shorter_side(p, resolution) for p in img]
     cond = [resize_shorter_side(p, resolution) for p in cond]
-    box = crop_box(img[0].size, resolution, crop)
+    box = crop_box(cond[0].size, resolution, crop)  # the condition now has the image's size
     img, cond = [p.crop(box) for p in img], [p.crop(box) for p in cond]
     if flip:
         img = [p.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for p in img]
         cond = [p.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for p in cond]
     return img, img_scale, cond, cond_scale
+
+
+def image_size(value: Any, *, row: int | None = None, column: str | None = None) -> tuple:
+    """(width, height) of a stored image, from its header only where it is encoded.
+
+    Raises:
+      BadSampleError: as `decode_planes`, for a missing or unreadable file.
+    """
+    try:
+        if isinstance(value, np.ndarray):
+            return (value.shape[1], value.shape[0])
+        if isinstance(value, Image.Image):
+            return value.size
+        if isinstance(value, bytes | bytearray | memoryview):
+            value = {"bytes": bytes(value)}
+        if isinstance(value, Mapping) and value.get("bytes"):
+            with Image.open(io.BytesIO(value["bytes"])) as img:
+                return img.size
+        path = _path_of(value)
+        if path is None:
+            raise TypeError(f"unsupported image value of type {type(value).__name__}")
+        if not os.path.isfile(path):
+            raise FileNotFoundError("file not found")
+        with Image.open(path) as img:
+            return img.size
+    except Exception as e:
+        raise BadSampleError(
+            f"{_where(value, row, column, None)}: not a readable image ({type(e).__name__}: {e})"
+        ) from e
 
 
 TRANSPORT_DTYPES = (np.uint8, np.uint16)
@@ -487,18 +524,21 @@ def preprocess_pair_pixels(
     row: int | None = None,
     image_dtype=np.uint8,
     condition_dtype=np.uint8,
-) -> tuple[np.ndarray, np.ndarray, bool]:
+    target: bool = True,
+) -> tuple[np.ndarray | None, np.ndarray, bool]:
     """`preprocess_pair` as integer pixels, what the loader sends to the device (the train
     step maps them to the model's float ranges: `cn_jax.train.step.image_to_model_range`).
 
     Returns:
       ``(pixels, condition, quantised)``: (R, R, 3) `image_dtype` and (R, R, C)
       `condition_dtype` arrays, and whether a source deeper than 8 bits was rounded to uint8.
+      With ``target=False`` the target is not decoded (only its size read: what cached
+      latents need) and `pixels` is None.
     """
     img, img_scale, cond, cond_scale = _pair_planes(
-        image, conditioning_image, resolution, conditioning_channels, crop, flip, row
+        image, conditioning_image, resolution, conditioning_channels, crop, flip, row, target
     )
-    pixels = planes_to_int(img, img_scale, 3, image_dtype)
+    pixels = planes_to_int(img, img_scale, 3, image_dtype) if target else None
     condition = planes_to_int(cond, cond_scale, conditioning_channels, condition_dtype)
     quantised = (img_scale != 255.0 and np.dtype(image_dtype) == np.uint8) or (
         cond_scale != 255.0 and np.dtype(condition_dtype) == np.uint8

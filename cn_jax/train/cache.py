@@ -100,7 +100,8 @@ def cached_batch(cache: dict, local: dict, has_vae: bool) -> dict:
     """Replace a loader batch's images/captions by the cached encodings.
 
     `local` comes from a loader without a tokenizer: `captions` (with dropped
-    prompts already "") and `index` (dataset rows).
+    prompts already "") and `index` (dataset rows); for a latent model, from one
+    that reads no target images (``Loader(images=False)``: no ``pixel_values``).
     """
     index = np.asarray(local.pop("index"))
     captions = local.pop("captions")
@@ -109,7 +110,7 @@ def cached_batch(cache: dict, local: dict, has_vae: bool) -> dict:
     ctx[dropped] = cache["empty_context"]
     local["encoder_hidden_states"] = ctx
     if has_vae:
-        local.pop("pixel_values")
+        local.pop("pixel_values", None)
         local["latent_mean"] = np.asarray(cache["mean"][index])
         local["latent_logvar"] = np.asarray(cache["logvar"][index])
     return local

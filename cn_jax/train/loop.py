@@ -45,6 +45,8 @@ from cn_jax.train.state import (
 from cn_jax.train.step import StepModels, make_train_step
 
 log = logging.getLogger("cn_jax.train")
+# Global batches put on the devices ahead of the step that uses them (transfers overlap it).
+DEVICE_PREFETCH = 2
 
 
 class NonFiniteLossError(ValueError):
@@ -181,7 +183,7 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
     calls the set-up's weight-init programs again).
     """
     from cn_jax.data import Loader, open_dataset
-    from cn_jax.data.loader import check_first_rows
+    from cn_jax.data.loader import check_first_rows, prefetch
     from cn_jax.tokenizer import tokenize
 
     workdir = Path(workdir)
@@ -286,6 +288,7 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
         process_index=proc,
         process_count=n_proc,
         tokenize=None if cache else (lambda prompts: tokenize(sd.tokenizer, prompts, max_len)),
+        images=cache is None or models.vae is None,  # cached latents: no target decode
         start_position=data_position,
     )
 
@@ -305,8 +308,18 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
     evaluator = _evaluator(config, models, sd) if config.eval.every else None
     last: dict[str, Any] = {}
     bar = None
+
+    def device_batches():
+        # With its data position after it: what a checkpoint after its step stores.
+        for local in loader:
+            if cache is not None:
+                local = cached_batch(cache, local, has_vae=models.vae is not None)
+            local.pop("index", None)
+            local.pop("captions", None)
+            yield shd.global_batch(local, mesh), loader.position
+
     try:
-        it = iter(loader)
+        it = prefetch(device_batches(), DEVICE_PREFETCH)  # 2 batches on their way to the devices
         compiled = None
         t_last, step_last = time.perf_counter(), start_step
         if progress and proc == 0:
@@ -316,12 +329,7 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
         if evaluator is not None and start_step == 0:
             _evaluate(evaluator, state, frozen, 0, workdir, writer, bar, proc)
         for step in range(start_step, tc.max_steps):
-            local = next(it)
-            if cache is not None:
-                local = cached_batch(cache, local, has_vae=models.vae is not None)
-            local.pop("index", None)
-            local.pop("captions", None)
-            batch = shd.global_batch(local, mesh)
+            batch, position = next(it)
             if compiled is None:
                 t0 = time.perf_counter()
                 compiled = jitted.lower(state, frozen, batch, rng).compile()
@@ -352,7 +360,7 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
             if done % tc.checkpoint_every == 0 or done == tc.max_steps:
                 meta = {
                     "step": done,
-                    "data_position": loader.position,
+                    "data_position": position,
                     "rng": {"seed": tc.seed, "rule": "fold_in(PRNGKey(seed), step)"},
                     "config": config.model_dump(),
                 }
