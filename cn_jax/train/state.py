@@ -84,9 +84,7 @@ def labels_for(params: Mapping, trainable: str) -> dict[str, str]:
     return labels
 
 
-def split(
-    params: Mapping, labels: Mapping[str, str], frozen_dtype=None
-) -> tuple[dict, dict]:
+def split(params: Mapping, labels: Mapping[str, str], frozen_dtype=None) -> tuple[dict, dict]:
     """(trainable, frozen) trees; each holds only its own leaves.
 
     `frozen_dtype` (e.g. bfloat16 in bfloat16 training): the frozen floating-point
