@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import datasets
@@ -765,13 +766,17 @@ def test_outputs_tokenize_channels_wait_and_close(fill_dir):
 
     import threading
 
-    threads = set()
+    threads, inside, overlaps = set(), [], []
 
     def tokenize(captions):
         threads.add(threading.current_thread().name)
+        inside.append(1)
+        overlaps.append(len(inside))
+        time.sleep(0.001)  # long enough for another worker to come in, were it let
+        inside.pop()
         return np.array([[len(c), 1, 2] for c in captions], dtype=np.int64)
 
-    loader = Loader(ds, 4, 8, seed=0, conditioning_channels=1, tokenize=tokenize)
+    loader = Loader(ds, 4, 8, seed=0, conditioning_channels=1, tokenize=tokenize, num_workers=3)
     batch = next(loader)
     assert batch["conditioning_pixel_values"].shape == (4, 8, 8, 1)
     assert batch["pixel_values"].shape == (4, 8, 8, 3)
@@ -782,6 +787,7 @@ def test_outputs_tokenize_channels_wait_and_close(fill_dir):
         captions = next(plain)["captions"]
     assert batch["input_ids"][:, 0].tolist() == [len(c) for c in captions]  # row order kept
     assert threads and all(t.startswith("cn_jax-decode") for t in threads)  # not this thread
+    assert max(overlaps) == 1  # one call at a time: HF tokenizers keep state (see Loader)
     assert loader.wait_seconds > 0
     producer = loader._producer
     loader.close()
@@ -931,3 +937,16 @@ def test_prefetch_keeps_items_ahead_in_order():
     it = prefetch(items(), 2)
     assert next(it) == 0 and produced == [0, 1, 2]  # two produced ahead of the consumer
     assert list(it) == [1, 2, 3, 4]
+
+
+def test_real_tokenizer_from_worker_threads_gives_padded_ids(fill_dir):
+    """The bundled CLIP tokenizer through `cn_jax.tokenizer.tokenize` from 4 worker threads:
+    every row padded to the length asked (unlocked, concurrent calls returned unpadded ids)."""
+    from cn_jax.tokenizer import load_tokenizer, tokenize
+    from cn_jax.weights.sd import BUNDLED_TOKENIZER
+
+    tok = load_tokenizer(BUNDLED_TOKENIZER)
+    kw = dict(num_workers=4, num_epochs=8, tokenize=lambda p: tokenize(tok, p, 77))
+    with Loader(open_dataset(fill_dir), 4, 8, seed=0, **kw) as loader:
+        shapes = {b["input_ids"].shape for b in loader}
+    assert shapes == {(4, 77)}

@@ -211,8 +211,10 @@ class Loader:
           process_index: this process's index p.
           process_count: the number of processes P; must divide `global_batch_size`.
           tokenize: list of captions -> (n, L) integer array, called by the worker threads
-            with one caption at a time (it must be thread-safe: a slow, pure-Python HF
-            tokenizer is); without it batches carry the captions as strings.
+            with one caption at a time, one call at a time (a lock): a transformers 5 CLIP
+            tokenizer keeps padding and truncation as state of its Rust backend, and two
+            threads calling `cn_jax.tokenizer.tokenize` at once got unpadded ids back.
+            Without it batches carry the captions as strings.
           start_position: a `position` from an earlier run, to resume from.
           drop_last: drop an epoch's last, short batch; False pads it (see ``mask``).
           num_epochs: stop after this many epochs (counted from epoch 0); None: never stop.
@@ -304,6 +306,7 @@ class Loader:
         self.image_dtype = self._transport(image_dtype, "image") if images else np.dtype("uint8")
         self.condition_dtype = self._transport(condition_dtype, "conditioning_image")
         self._quantised_warned = False
+        self._tokenize_lock = threading.Lock()
         if drop_last:
             self.steps_per_epoch = num_examples // global_batch_size
         else:
@@ -516,7 +519,10 @@ class Loader:
             caption = (
                 "" if choices.drop_prompt else pick_caption(record["caption"], choices.caption_u)
             )
-            ids = None if self.tokenize is None else np.asarray(self.tokenize([caption]))
+            ids = None
+            if self.tokenize is not None:
+                with self._tokenize_lock:  # one call at a time: see `__init__`'s `tokenize`
+                    ids = np.asarray(self.tokenize([caption]))
             return index, caption, attempt, ids
         raise BadSampleError(f"no sample of the {n} in the dataset could be decoded")
 
