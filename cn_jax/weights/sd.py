@@ -443,12 +443,21 @@ def random_pipeline(
     )
 
 
-@functools.lru_cache(maxsize=4)
 def _jitted_init(module):
     """One jitted init per architecture (linen modules compare and hash by their
     fields): a second random pipeline of the same architecture in this process
     (each `train` of a random base builds one) is neither traced nor compiled again.
-    Holds programs only, never weights; `jax.clear_caches()` empties them."""
+    Traced with XLA's kernels whatever the module's: the values do not depend on
+    them, and the program must lower on the host CPU where `_init` compiles it
+    (cuDNN attention, chosen for a GPU, has no CPU lowering)."""
+    if hasattr(module, "kernels"):
+        module = module.clone(kernels=Kernels("xla", "xla"))
+    return _jitted_init_of(module)
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_init_of(module):
+    """Holds programs only, never weights; `jax.clear_caches()` empties them."""
     return jax.jit(module.init)
 
 
@@ -458,10 +467,6 @@ def _init(module, key, inputs) -> Any:
     its first local device: the accelerator's compiler is far slower for this one-off
     program (on an H200 with jax 0.11 small programs took minutes), and the values are
     the same (threefry is exact)."""
-    # The values do not depend on the kernels; the program must lower where it is
-    # compiled (cuDNN attention, chosen for a GPU, has no CPU lowering).
-    if hasattr(module, "kernels"):
-        module = module.clone(kernels=Kernels("xla", "xla"))
     init = _jitted_init(module)
     if jax.default_backend() == "cpu":
         return init(key, *inputs)["params"]
