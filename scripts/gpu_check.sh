@@ -7,7 +7,9 @@
 #   1. the GPU-marked tests (tests/test_gpu.py: the GPU's kernels in float32 and
 #      bfloat16, cuDNN and XLA attention, against the CPU float32 result);
 #   2. a few real train steps (tiny config, bfloat16, `cn-jax train`);
-#   3. scripts/bench_gpu.sh (SD 1.5 shape, 512 px, bfloat16) in the time left.
+#   3. scripts/bench_gpu.sh (SD 1.5 shape, 512 px, bfloat16) in the time left but REAL_S;
+#   4. about 20 real `cn-jax train` steps at SD 1.5 shape, 512 px, bfloat16, batch 8, the VAE
+#      in the step: samples/s and data wait (metrics.jsonl), one checkpoint save's blocking time.
 # Packages the machine lacks (pydantic, datasets, tensorboardX) travel as wheels in
 # .whl (`bash scripts/gpu_wheels.sh` fetches them); they are installed to /tmp/site first.
 # Compiled programs: JAX's persistent cache starts from .gpu_cache/ when that folder
@@ -82,7 +84,26 @@ else
   echo "train steps skipped: datasets/transformers/tensorboardX not importable"
 fi
 
-budget=$(($(left) - 20))
+budget=$(($(left) - 20 - ${REAL_S:-120}))
 echo "== 3. bench_gpu.sh (${budget}s)"
 BUDGET_S=$budget OUT=$work bash scripts/bench_gpu.sh
+
+# Real `cn-jax train` steps at SD 1.5 shape with the VAE in the step: samples/s, the data
+# wait and a checkpoint save (its compile may come from bench_gpu's through the cache).
+echo "== 4. cn-jax train, ${REAL_CONFIG:-configs/sd15-shape.yaml}, ${REAL_RES:-512} px ($(left)s left)"
+if python3 -c "import datasets, transformers, tensorboardX" 2>/dev/null; then
+  python3 -m cn_jax.cli data fill50k --out "$work/fill50k_real" --num "${REAL_ROWS:-256}" \
+    --size "${REAL_RES:-512}" >/dev/null
+  timeout --signal=ABRT "$(($(left) - 15))" python3 -m cn_jax.cli train \
+    --config "${REAL_CONFIG:-configs/sd15-shape.yaml}" --workdir "$work/run_real" \
+    data.path="$work/fill50k_real" data.resolution="${REAL_RES:-512}" \
+    train.batch_size="${REAL_BATCH:-8}" train.max_steps="${REAL_STEPS:-20}" train.log_every=5 \
+    train.checkpoint_every="${REAL_STEPS:-20}" train.precision="${REAL_PRECISION:-bfloat16}" \
+    model.attention="${ATTENTION:-auto}" >"$work/train_real.log" 2>&1
+  echo "train exit $?"
+  grep -E "compiled|checkpoint step|error" "$work/train_real.log" | tail -4
+  tail -1 "$work/run_real/metrics.jsonl" 2>/dev/null
+else
+  echo "real train steps skipped: datasets/transformers/tensorboardX not importable"
+fi
 echo "== done in $(($(date +%s) - start))s"

@@ -364,7 +364,10 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
                     "rng": {"seed": tc.seed, "rule": "fold_in(PRNGKey(seed), step)"},
                     "config": config.model_dump(),
                 }
-                ckpt.save(done, state, meta)
+                t_save = time.perf_counter()
+                ckpt.save(done, state, meta)  # async: blocks only to copy off the devices
+                blocked = time.perf_counter() - t_save
+                log.info("checkpoint step %d: the save blocked training %.2fs", done, blocked)
             if tc.validate_every and done % tc.validate_every == 0:
                 # Every process: the params may be split over all of them.
                 _validate(config, models, state, frozen, sd, dataset, workdir, done)
