@@ -24,6 +24,7 @@ import numpy as np
 
 from cn_jax.data.transforms import preprocess_pair
 from cn_jax.tokenizer import tokenize
+from cn_jax.train import sharding as shd
 
 CACHE_DIR = "latent_cache"
 _FILES = ("mean", "logvar", "context", "empty_context")
@@ -79,15 +80,17 @@ def build_cache(config, models, params: dict, sd, dataset, workdir: Path, batch_
         mean, logvar, ctx = encode(
             jnp.asarray(np.stack(pixels)), tokenize(sd.tokenizer, ids, max_len)
         )
-        chunks["context"].append(np.asarray(ctx))
+        # Every process encodes every row (the frozen encoders may be split over them
+        # all, mesh.fsdp); to_host gathers what another process's devices hold.
+        chunks["context"].append(shd.to_host(ctx))
         if mean is not None:
-            chunks["mean"].append(np.asarray(mean))
-            chunks["logvar"].append(np.asarray(logvar))
+            chunks["mean"].append(shd.to_host(mean))
+            chunks["logvar"].append(shd.to_host(logvar))
     empty = models.text_encoder.apply(
         {"params": params["text_encoder"]}, tokenize(sd.tokenizer, [""], max_len)
     )[0][0]
     cache = {k: np.concatenate(v) for k, v in chunks.items() if v}
-    cache["empty_context"] = np.asarray(empty)
+    cache["empty_context"] = shd.to_host(empty)
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         for k, v in cache.items():
