@@ -420,16 +420,23 @@ def build_parser() -> argparse.ArgumentParser:
         "compare": "the ControlNet step vs fine-tuning the UNet, interleaved: ratios",
         "sample": "sampler steps/s and images/s with CFG and 1 or 2 ControlNets",
     }
-    for name, help_ in bench_help.items():
+
+    def bench_command(name: str, help_: str) -> argparse.ArgumentParser:
+        """A `cn-jax bench NAME` parser with what every benchmark takes."""
         b = bench_sub.add_parser(name, help=help_)
         b.add_argument("--config", required=True, help="YAML config (e.g. configs/sd15-shape.yaml)")
         b.add_argument("overrides", nargs="*", help="section.key=value overrides")
+        b.add_argument("--json", default=None, help="write the result as JSON here")
+        b.set_defaults(func=_bench)
+        return b
+
+    for name, help_ in bench_help.items():
+        b = bench_command(name, help_)
         b.add_argument(
             "--steps", type=int, default=20 if name == "sample" else 10,
             help="sampler steps per image" if name == "sample" else "timed train steps",
         )  # fmt: skip
         b.add_argument("--warmup", type=int, default=1, help="untimed runs first")
-        b.add_argument("--json", default=None, help="write the result as JSON here")
         if name == "sample":
             b.add_argument("--batch", type=int, default=1, help="images per run")
             b.add_argument("--controlnets", type=int, choices=(1, 2), default=1)
@@ -444,21 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
                 "--no-run", action="store_true",
                 help="compile only: FLOPs and memory without running (no weights materialised)",
             )  # fmt: skip
-        b.set_defaults(func=_bench)
-    low = bench_sub.add_parser(
-        "lower", help="lower the train step and sampling for other platforms (jax.export)"
+    low = bench_command(
+        "lower", "lower the train step and sampling for other platforms (jax.export)"
     )
-    low.add_argument("--config", required=True, help="YAML config (e.g. configs/sd15-shape.yaml)")
-    low.add_argument("overrides", nargs="*", help="section.key=value overrides")
     low.add_argument("--platforms", default="cuda,tpu", help="jax.export names: cuda,rocm,tpu,cpu")
     low.add_argument("--no-flops", action="store_true", help="skip counting each module's FLOPs")
-    low.add_argument("--json", default=None, help="write the result as JSON here")
-    low.set_defaults(func=_bench)
-    dat = bench_sub.add_parser(
-        "data", help="samples/s of the input pipeline vs a bare decode loop, on generated PNGs"
+    dat = bench_command(
+        "data", "samples/s of the input pipeline vs a bare decode loop, on generated PNGs"
     )
-    dat.add_argument("--config", required=True, help="YAML config (its data section is used)")
-    dat.add_argument("overrides", nargs="*", help="section.key=value overrides")
     dat.add_argument("--workers", default="1,2", help="loader worker counts, e.g. 1,2,4")
     dat.add_argument("--data", default=None, help="folder for the generated set (default: temp)")
     dat.add_argument("--samples", type=int, default=256, help="rows of the generated set")
@@ -467,8 +467,6 @@ def build_parser() -> argparse.ArgumentParser:
     dat.add_argument(
         "--gpu-rate", type=float, default=40.0, help="samples/s one GPU trains (cores per GPU)"
     )
-    dat.add_argument("--json", default=None, help="write the result as JSON here")
-    dat.set_defaults(func=_bench)
     return parser
 
 

@@ -170,3 +170,17 @@ def test_sample_precision_bfloat16_stores_and_computes_in_bfloat16(tiny_controln
             "--precision", "bfloat16", "--out", str(tmp_path / "o.png")]  # fmt: skip
     assert main(argv) == 0
     assert Image.open(tmp_path / "o.png").size == (32, 32)
+
+
+def test_base_latent_factor_from_configs_alone(tmp_path):
+    """What init-controlnet builds for: a pixel-space pipeline folder 1; one checkpoint
+    with a named config that config's VAE (as load_pipeline reads it); no config, or a bare
+    UNet folder, SD's 8."""
+    from cn_jax.weights.sd import base_latent_factor
+
+    assert base_latent_factor("bundled:tiny") == 1
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"")  # only its being a file matters: no weight is read
+    assert base_latent_factor(ckpt, "sd15") == 8
+    assert base_latent_factor(ckpt) == 8
+    assert base_latent_factor(tmp_path) == 8

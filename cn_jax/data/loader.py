@@ -478,10 +478,7 @@ class Loader:
             # Positions past the end (padding of a short last batch) wrap to the start.
             index = int(order[(position + attempt) % n])
             try:
-                try:
-                    record = self.dataset[index]
-                except Exception as e:  # e.g. a datasets.Image column failing to decode
-                    raise BadSampleError(f"row {index}: cannot read the record: {e}") from e
+                record = read_record(self.dataset, index)
                 choices = sample_choices(
                     self.seed,
                     epoch,
@@ -591,6 +588,15 @@ class Loader:
                     f.cancel()
 
 
+def read_record(dataset: Any, index: int) -> Mapping[str, Any]:
+    """Row `index` of the dataset; any failure to read it (e.g. a `datasets.Image` column
+    that does not decode) is the row's `BadSampleError`."""
+    try:
+        return dataset[index]
+    except Exception as e:
+        raise BadSampleError(f"row {index}: cannot read the record: {e}") from e
+
+
 def prefetch(items: Iterator[T], size: int = 2) -> Iterator[T]:
     """Yield `items` in order, keeping `size` of them produced ahead of the consumer.
 
@@ -623,10 +629,7 @@ def check_first_rows(
     n = min(rows, len(dataset))
     for index in range(n):
         try:
-            try:
-                record = dataset[index]
-            except Exception as e:  # e.g. a datasets.Image column failing to decode
-                raise BadSampleError(f"row {index}: cannot read the record: {e}") from e
+            record = read_record(dataset, index)
             preprocess_pair(
                 record["image"], record["conditioning_image"], resolution,
                 conditioning_channels=conditioning_channels, row=index,

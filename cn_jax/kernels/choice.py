@@ -78,7 +78,10 @@ class Kernels:
 
 
 DEFAULT = Kernels()
+# JAX's attention and XLA's convolutions: lower on every platform (random-weight
+# inits compiled on the host CPU use them, `weights.sd._jitted_init`).
+XLA_ONLY = Kernels("xla", "xla")
 # What benchmarks count FLOPs on: XLA counts a loop body once (the tiled attention
-# kernel loops over tiles) and im2col multiplies padding zeros, so a program using
-# those is counted on a twin traced with these (cn_jax.bench).
-COUNTING = Kernels("xla", "xla")
+# kernel loops over tiles), im2col multiplies padding zeros and a custom call may count
+# as zero, so a program using those is counted on a twin traced with these (cn_jax.bench).
+COUNTING = XLA_ONLY

@@ -24,6 +24,7 @@ import numpy as np
 
 from cn_jax.diffusion.schedule import NoiseScheduleConfig
 from cn_jax.kernels import Kernels
+from cn_jax.kernels.choice import XLA_ONLY
 from cn_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, canonical_torch_state
 from cn_jax.models.clip_text import example_inputs as text_example_inputs
 from cn_jax.models.config import UNetConfig
@@ -185,12 +186,7 @@ def _load_folder(path, dtype, param_dtype, variant, allow_pickle, tokenizer) -> 
 
     vae = vae_params = None
     if not pixel_space:
-        vae_cfg_file = _config_file(path / "vae", CONFIG_NAME)
-        vae = AutoencoderKL(
-            AutoencoderKLConfig.from_dict(_read_json(vae_cfg_file), str(vae_cfg_file)),
-            dtype=dtype,
-            param_dtype=param_dtype,
-        )
+        vae = AutoencoderKL(_folder_vae_config(path), dtype=dtype, param_dtype=param_dtype)
         vae_files = _weight_files(path / "vae", variant, allow_pickle)
         vae_state, _ = _open_state(vae_files, allow_pickle)
         vae_params = torch_to_flax(
@@ -229,22 +225,22 @@ def base_latent_factor(
     factor; a single checkpoint's from its named `config`; a bare UNet folder's is
     unknown, and SD's 8 is assumed (its VAE's). A Hub repo id's configs are fetched."""
     folder = resolve_path(path, "configs", revision=revision)
-    if folder.is_file():  # one checkpoint: its configs are `config`'s
+    if folder.is_file():  # one checkpoint: its configs are `config`'s, as load_pipeline reads
         if config is None:
             return 8
-        configs_folder = resolve_path(config, "configs") if isinstance(config, str) else None
-        if configs_folder is not None and configs_folder.is_dir():
-            folder = configs_folder
-        else:
-            configs = config if isinstance(config, Mapping) else preset(config)
-            vae = configs.get("vae")
-            return 1 if vae is None else AutoencoderKLConfig.from_dict(vae, "vae").latent_factor
+        vae = _component_configs(config, folder)["vae"]
+        return AutoencoderKLConfig.from_dict(vae, f"{folder} vae config").latent_factor
     if not (folder / "model_index.json").is_file():
         return 8
     if _is_null(_read_json(folder / "model_index.json").get("vae", "missing")):
         return 1
+    return _folder_vae_config(folder).latent_factor
+
+
+def _folder_vae_config(folder: Path) -> AutoencoderKLConfig:
+    """A pipeline folder's `vae/config.json`."""
     vae_cfg_file = _config_file(folder / "vae", CONFIG_NAME)
-    return AutoencoderKLConfig.from_dict(_read_json(vae_cfg_file), str(vae_cfg_file)).latent_factor
+    return AutoencoderKLConfig.from_dict(_read_json(vae_cfg_file), str(vae_cfg_file))
 
 
 def _is_null(entry: Any) -> bool:
@@ -451,7 +447,7 @@ def _jitted_init(module):
     them, and the program must lower on the host CPU where `_init` compiles it
     (cuDNN attention, chosen for a GPU, has no CPU lowering)."""
     if hasattr(module, "kernels"):
-        module = module.clone(kernels=Kernels("xla", "xla"))
+        module = module.clone(kernels=XLA_ONLY)
     return _jitted_init_of(module)
 
 
