@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from cn_jax.config import MAX_SEED
 from cn_jax.data.transforms import decode_planes, planes_to_array
 from cn_jax.diffusion.guidance import (
     Control,
@@ -381,9 +382,6 @@ def _prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str]]:
     if len(negatives) != len(prompts):
         raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
     return prompts, negatives
-
-
-MAX_SEED = 2**32 - 1  # PRNGKey keeps 32 bits: larger seeds would repeat smaller ones
 
 
 def _check_number(name: str, value, low=None, high=None, integer: bool = False) -> None:
