@@ -92,6 +92,51 @@ CONFIGS = {
 }
 
 
+# SDXL's layout (diffusers' stabilityai/stable-diffusion-xl-base-1.0 unet config, scaled
+# down): three blocks, no attention in the first, transformer_layers_per_block per block
+# (deeper at the bottom, as [1, 2, 10]), per-block head counts, linear projections, an
+# upcast_attention of null, and the text_time added embedding: a pooled text embedding of
+# 16 beside 6 time ids of 8 sinusoidal features each (projection input 16 + 48 = 64).
+# Kept apart from CONFIGS: every SDXL call needs `added_cond_kwargs`.
+SDXL_CONFIGS = {
+    "sdxl": (
+        dict(
+            block_out_channels=(32, 64, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=2,
+            norm_num_groups=8,
+            cross_attention_dim=40,
+            attention_head_dim=(2, 4, 4),
+            transformer_layers_per_block=(1, 2, 3),
+            use_linear_projection=True,
+            upcast_attention=None,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=16 + 6 * 8,
+        ),
+        dict(conditioning_embedding_out_channels=(8, 16, 16, 32)),
+        8,
+    ),
+}
+SDXL_POOLED = 16
+
+
+def added_inputs(batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """SDXL's `added_cond_kwargs` in numpy: a random pooled embedding and size numbers
+    as a pipeline makes them (original size, crop offsets, target size)."""
+    rng = np.random.default_rng(seed)
+    sizes = [[1024, 768, 0, 0, 1024, 1024], [512, 640, 64, 32, 768, 512]]
+    return {
+        "text_embeds": rng.standard_normal((batch, SDXL_POOLED), dtype=np.float32),
+        "time_ids": np.array((sizes * batch)[:batch], np.float32),
+    }
+
+
+def torch_added(added: dict[str, np.ndarray]) -> dict:
+    return {k: torch.from_numpy(v) for k, v in added.items()}
+
+
 def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Random values in *every* parameter, zero convs included: a zero weight
     would hide a wrong key or layout."""
@@ -110,14 +155,14 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 @functools.cache
 def torch_unet(name: str, seed: int = 0) -> UNet2DConditionModel:
-    unet_kwargs, _, _ = CONFIGS[name]
+    unet_kwargs, _, _ = {**CONFIGS, **SDXL_CONFIGS}[name]
     torch.manual_seed(seed)
     return randomize_(UNet2DConditionModel(**unet_kwargs), seed)
 
 
 @functools.cache
 def torch_controlnet(name: str, seed: int = 1) -> ControlNetModel:
-    _, cn_kwargs, _ = CONFIGS[name]
+    _, cn_kwargs, _ = {**CONFIGS, **SDXL_CONFIGS}[name]
     return randomize_(ControlNetModel.from_unet(torch_unet(name), **cn_kwargs), seed)
 
 
@@ -149,7 +194,7 @@ def flax_controlnet_params(model: ControlNetModel):
 
 def inputs(name: str, batch: int = 2, seed: int = 0):
     """NHWC numpy inputs: sample, timesteps, context, condition (pixel size)."""
-    unet_kwargs, cn_kwargs, latent = CONFIGS[name]
+    unet_kwargs, cn_kwargs, latent = {**CONFIGS, **SDXL_CONFIGS}[name]
     rng = np.random.default_rng(seed)
     cond_ch = cn_kwargs.get("conditioning_channels", 3)
     factor = 2 ** (len(cn_kwargs.get("conditioning_embedding_out_channels", (0,) * 4)) - 1)

@@ -87,7 +87,7 @@ def test_config_rejects_unknown_and_unsupported_fields():
     with pytest.raises(ValueError, match="unknown config field.*frobnicate"):
         UNetConfig.from_dict({**cfg, "frobnicate": 1}, source="x/config.json")
     with pytest.raises(ValueError, match="addition_embed_type"):
-        UNetConfig.from_dict({**cfg, "addition_embed_type": "text_time"})
+        UNetConfig.from_dict({**cfg, "addition_embed_type": "text"})
     with pytest.raises(ValueError, match="down_block_types"):
         UNetConfig.from_dict({**cfg, "down_block_types": ["SimpleCrossAttnDownBlock2D"] * 2})
 

@@ -2,8 +2,10 @@
 
 A config read from a file is validated strictly: a field cn_jax does not know
 is an error, and so is a known diffusers field set to a value outside Stable
-Diffusion 1.x/2.x (e.g. SDXL's `addition_embed_type`), instead of silently
-building a different model than the file describes.
+Diffusion 1.x/2.x/XL (e.g. `addition_embed_type: "text"` or `class_embed_type`), instead
+of silently building a different model than the file describes. SDXL's
+`addition_embed_type: "text_time"` (six size numbers and the pooled text embedding added
+to the timestep embedding) is supported.
 
 Every field is also checked against its annotation and its range (`check_fields`, shared by
 the VAE, CLIP text and noise-schedule configs): `in_channels: "x"` or `true` is refused by
@@ -31,14 +33,13 @@ MAX_SAMPLE_SIZE = 16384  # a side in pixels or latents
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
+ADDITION_EMBED_TYPES = (None, "text_time")
 
 # diffusers fields that exist for other model families. Accepted only at these
 # values (the ones SD 1.x/2.x files carry); anything else is refused by name.
 _FIXED_FIELDS: dict[str, tuple[Any, ...]] = {
     "dual_cross_attention": (False,),
     "class_embed_type": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
     "num_class_embeds": (None,),
     "resnet_time_scale_shift": ("default",),
     "resnet_skip_time_act": (False,),
@@ -50,7 +51,6 @@ _FIXED_FIELDS: dict[str, tuple[Any, ...]] = {
     "time_cond_proj_dim": (None,),
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
-    "projection_class_embeddings_input_dim": (None,),
     "attention_type": ("default",),
     "class_embeddings_concat": (False,),
     "mid_block_only_cross_attention": (None,),
@@ -266,7 +266,13 @@ class EncoderConfig:
     attention_head_dim: int | tuple[int, ...] = 8
     num_attention_heads: int | tuple[int, ...] | None = None
     use_linear_projection: bool = False
-    upcast_attention: bool = False
+    upcast_attention: bool | None = False  # SDXL files write null: False
+    # SDXL: "text_time" adds an embedding of the pooled text embedding and the six size
+    # numbers (`time_ids`), each as `addition_time_embed_dim` sinusoidal features, projected
+    # from `projection_class_embeddings_input_dim` to the timestep embedding's width.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     # The range of every numeric field (`check_fields`); subclasses extend it.
     bounds: ClassVar[Mapping[str, Bound]] = {
@@ -282,6 +288,8 @@ class EncoderConfig:
         "transformer_layers_per_block": LAYERS,
         "attention_head_dim": CHANNELS,
         "num_attention_heads": CHANNELS,
+        "addition_time_embed_dim": Bound(ge=2, le=MAX_CHANNELS),
+        "projection_class_embeddings_input_dim": CHANNELS,
     }
 
     def __post_init__(self):
@@ -325,6 +333,38 @@ class EncoderConfig:
                 "must all be equal (one text encoder feeds every block)"
             )
         _ = (self.transformer_layers, self.only_cross_per_block)  # validate per-block lengths
+        if self.upcast_attention is None:
+            object.__setattr__(self, "upcast_attention", False)
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            allowed = " or ".join(repr(v) for v in ADDITION_EMBED_TYPES)
+            raise ValueError(
+                f"config field addition_embed_type={self.addition_embed_type!r} is not supported "
+                f"by cn_jax (expected {allowed})"
+            )
+        extra = ("addition_time_embed_dim", "projection_class_embeddings_input_dim")
+        if self.has_text_time:
+            missing = [f for f in extra if getattr(self, f) is None]
+            if missing:
+                raise ValueError(
+                    f"config: addition_embed_type='text_time' needs {' and '.join(missing)}"
+                )
+            if self.addition_time_embed_dim % 2:
+                raise ValueError(
+                    f"config field addition_time_embed_dim={self.addition_time_embed_dim}: must "
+                    "be even (sin and cos features)"
+                )
+        else:
+            for f in extra:
+                if getattr(self, f) is not None:
+                    raise ValueError(
+                        f"config field {f}={getattr(self, f)!r} is set but addition_embed_type "
+                        "is not 'text_time' (cn_jax supports it only with SDXL's text_time)"
+                    )
+
+    @property
+    def has_text_time(self) -> bool:
+        """SDXL's added conditioning: pooled text embedding + size numbers (`time_ids`)."""
+        return self.addition_embed_type == "text_time"
 
     # -- per-block views of the int-or-tuple fields -------------------------
     @property

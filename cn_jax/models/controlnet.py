@@ -22,10 +22,11 @@ import numpy as np
 from cn_jax.kernels import DEFAULT, Kernels
 from cn_jax.models.config import ControlNetConfig
 from cn_jax.models.layers import Dtype, conv, zero_conv
-from cn_jax.models.unet import down_pass, make_encoder, time_features
+from cn_jax.models.unet import down_pass, example_added_cond, make_encoder, time_embedding
 
-# Parameter groups of a ControlNet that are copies of the UNet's (same names).
-COPIED_FROM_UNET = ("conv_in", "time_embedding", "down_blocks_", "mid_block")
+# Parameter groups of a ControlNet that are copies of the UNet's (same names;
+# add_embedding: SDXL's text_time embedding).
+COPIED_FROM_UNET = ("conv_in", "time_embedding", "add_embedding", "down_blocks_", "mid_block")
 
 
 class ReleasedConditioningEmbedding(nn.Module):
@@ -110,6 +111,8 @@ class ControlNet(nn.Module):
       conditioning_scale: multiplies every residual (control strength).
       guess_mode: diffusers' guess mode scales, logspace(-1, 0, 13) * scale,
         from the shallowest skip to the mid block (`guess_mode_scales`).
+      added_cond_kwargs: SDXL only, required there: {"text_embeds", "time_ids"} as the
+        UNet takes them.
 
     Returns:
       (down_residuals, mid_residual): a list of `config.num_down_residuals`
@@ -146,6 +149,7 @@ class ControlNet(nn.Module):
         controlnet_cond: jax.Array,
         conditioning_scale: float | jax.Array = 1.0,
         guess_mode: bool = False,
+        added_cond_kwargs: dict | None = None,
     ) -> tuple[list[jax.Array], jax.Array]:
         c = self.config
         f = c.latent_factor
@@ -161,7 +165,7 @@ class ControlNet(nn.Module):
             cond = cond[..., ::-1]
         sample = sample.astype(self.dtype)
         context = encoder_hidden_states.astype(self.dtype)
-        temb = self.time_embedding(time_features(c, timesteps, b, self.dtype))
+        temb = time_embedding(self, c, timesteps, b, added_cond_kwargs)
 
         x = self.conv_in(sample) + self.controlnet_cond_embedding(cond)
         x, skips = down_pass(self.down_blocks, x, temb, context)
@@ -194,15 +198,20 @@ def residual_channels(config: ControlNetConfig) -> list[int]:
 
 
 def example_inputs(config: ControlNetConfig, batch: int = 1, latent: int | None = None):
-    """Smallest valid inputs for `init` / `eval_shape` (sample, t, context, cond)."""
+    """Smallest valid inputs for `init` / `eval_shape` (sample, t, context, cond, and for
+    SDXL the default scale and guess mode and `added_cond_kwargs`)."""
     latent = latent or 2 ** (len(config.block_out_channels) - 1)
     f = config.latent_factor
-    return (
+    inputs = (
         jnp.zeros((batch, latent, latent, config.in_channels), jnp.float32),
         jnp.zeros((batch,), jnp.float32),
         jnp.zeros((batch, 1, config.cross_attention_dims[0]), jnp.float32),
         jnp.zeros((batch, latent * f, latent * f, config.conditioning_channels), jnp.float32),
     )
+    if config.has_text_time:
+        # guess_mode None (off): a Python bool would become a tracer in a jitted init.
+        inputs += (1.0, None, example_added_cond(config, batch))
+    return inputs
 
 
 def residual_sizes(config, latent_hw: tuple[int, int]) -> list[int]:

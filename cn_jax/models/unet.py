@@ -199,9 +199,14 @@ def make_encoder(
                 kernels=kernels,
             )
         )
+    width = 4 * c.block_out_channels[0]  # the timestep embedding's
+    added = {}
+    if c.has_text_time:  # SDXL: projected from projection_class_embeddings_input_dim
+        added["add_embedding"] = TimestepEmbedding(width, dtype, param_dtype)
     return dict(
         conv_in=conv(c.block_out_channels[0], 3, dtype, param_dtype, "conv_in", kernels=kernels),
-        time_embedding=TimestepEmbedding(4 * c.block_out_channels[0], dtype, param_dtype),
+        time_embedding=TimestepEmbedding(width, dtype, param_dtype),
+        **added,
         down_blocks=down,
         mid_block=mid_cls(
             channels=c.block_out_channels[-1],
@@ -238,18 +243,88 @@ def time_features(config: EncoderConfig, timesteps: jax.Array, batch: int, dtype
     return emb.astype(dtype)
 
 
+# SDXL's size numbers per image: original (height, width), crop (top, left), target
+# (height, width); diffusers' `add_time_ids`.
+NUM_TIME_IDS = 6
+
+
+def time_embedding(module, config: EncoderConfig, timesteps, batch: int, added_cond_kwargs):
+    """The timestep embedding of `module` (a UNet or ControlNet set up by `make_encoder`),
+    plus SDXL's added embedding of the pooled text embedding and the size numbers."""
+    temb = module.time_embedding(time_features(config, timesteps, batch, module.dtype))
+    if not config.has_text_time:
+        if added_cond_kwargs is not None:
+            raise ValueError(
+                "added_cond_kwargs given, but this model's config has no addition_embed_type "
+                "(only SDXL's text_time models take them)"
+            )
+        return temb
+    return temb + module.add_embedding(added_features(config, added_cond_kwargs, batch, temb.dtype))
+
+
+def added_features(config: EncoderConfig, added_cond_kwargs, batch: int, dtype) -> jax.Array:
+    """diffusers' text_time input: concat(text_embeds, sinusoidal features of each time id)."""
+    if added_cond_kwargs is None or not {"text_embeds", "time_ids"} <= set(added_cond_kwargs):
+        raise ValueError(
+            "this SDXL (addition_embed_type='text_time') model needs added_cond_kwargs="
+            "{'text_embeds': (B, pooled width), 'time_ids': (B, 6)}"
+        )
+    text = jnp.asarray(added_cond_kwargs["text_embeds"])
+    ids = jnp.asarray(added_cond_kwargs["time_ids"])
+    width = text.shape[-1] + ids.shape[-1] * config.addition_time_embed_dim
+    if (
+        text.ndim != 2
+        or ids.ndim != 2
+        or text.shape[0] != batch
+        or ids.shape[0] != batch
+        or width != config.projection_class_embeddings_input_dim
+    ):
+        raise ValueError(
+            f"added_cond_kwargs: text_embeds {tuple(text.shape)} and time_ids {tuple(ids.shape)} "
+            f"for a batch of {batch}; expected (B, P) and (B, T) with P + T * "
+            f"{config.addition_time_embed_dim} = projection_class_embeddings_input_dim "
+            f"{config.projection_class_embeddings_input_dim}"
+        )
+    feats = timestep_embedding(
+        ids.reshape(-1), config.addition_time_embed_dim, config.flip_sin_to_cos, config.freq_shift
+    ).reshape(batch, -1)
+    return jnp.concatenate([text.astype(jnp.float32), feats], axis=-1).astype(dtype)
+
+
+def example_added_cond(config: EncoderConfig, batch: int = 1) -> dict | None:
+    """`added_cond_kwargs` of the right shapes for an SDXL config; None otherwise."""
+    if not config.has_text_time:
+        return None
+    pooled = config.projection_class_embeddings_input_dim
+    pooled -= NUM_TIME_IDS * config.addition_time_embed_dim
+    if pooled < 1:
+        raise ValueError(
+            f"config: projection_class_embeddings_input_dim "
+            f"{config.projection_class_embeddings_input_dim} leaves no room for the pooled text "
+            f"embedding beside {NUM_TIME_IDS} time ids of {config.addition_time_embed_dim}"
+        )
+    return {
+        "text_embeds": jnp.zeros((batch, pooled), jnp.float32),
+        "time_ids": jnp.zeros((batch, NUM_TIME_IDS), jnp.float32),
+    }
+
+
 def example_inputs(config: UNetConfig, batch: int = 1):
-    """Smallest valid inputs for `UNet.init` / `eval_shape` (sample, t, context)."""
+    """Smallest valid inputs for `UNet.init` / `eval_shape` (sample, t, context, and for
+    SDXL the residuals' None placeholders and `added_cond_kwargs`)."""
     latent = 2 ** (len(config.block_out_channels) - 1)
-    return (
+    inputs = (
         jnp.zeros((batch, latent, latent, config.in_channels), jnp.float32),
         jnp.zeros((batch,), jnp.float32),
         jnp.zeros((batch, 1, config.cross_attention_dims[0]), jnp.float32),
     )
+    if config.has_text_time:
+        inputs += (None, None, example_added_cond(config, batch))
+    return inputs
 
 
 class UNet(nn.Module):
-    """Stable Diffusion 1.x/2.x denoiser.
+    """Stable Diffusion 1.x/2.x/XL denoiser.
 
     Call: `unet.apply({"params": p}, sample, timesteps, encoder_hidden_states,
     down_block_additional_residuals=None, mid_block_additional_residual=None)`.
@@ -261,6 +336,9 @@ class UNet(nn.Module):
       down_block_additional_residuals: ControlNet residuals, one per skip
         connection (`config.num_down_residuals`), added to the skips.
       mid_block_additional_residual: added to the mid block output.
+      added_cond_kwargs: SDXL (`addition_embed_type: text_time`) only, and required there:
+        {"text_embeds": (B, 1280) pooled text embedding, "time_ids": (B, 6) original
+        height/width, crop top/left, target height/width}, as diffusers.
 
     Returns:
       NHWC (B, H, W, out_channels) noise (or v) prediction.
@@ -313,13 +391,14 @@ class UNet(nn.Module):
         encoder_hidden_states: jax.Array,
         down_block_additional_residuals: Sequence[jax.Array] | None = None,
         mid_block_additional_residual: jax.Array | None = None,
+        added_cond_kwargs: dict | None = None,
     ) -> jax.Array:
         c = self.config
         sample = sample.astype(self.dtype)
         context = encoder_hidden_states.astype(self.dtype)
         if c.center_input_sample:
             sample = 2 * sample - 1.0
-        temb = self.time_embedding(time_features(c, timesteps, sample.shape[0], self.dtype))
+        temb = time_embedding(self, c, timesteps, sample.shape[0], added_cond_kwargs)
 
         x = self.conv_in(sample)
         x, skips = down_pass(self.down_blocks, x, temb, context)
