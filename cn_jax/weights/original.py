@@ -1,8 +1,9 @@
 """Key map between diffusers' `ControlNetModel` and the original lllyasviel ControlNet layout.
 
 Both layouts store PyTorch tensors of identical shapes; only the names differ. A ControlNet is a
-copy of the UNet's encoder half (`time_embedding`, `conv_in`, `down_blocks`, `mid_block`) plus
-its own modules, usually under the `control_model.` prefix in released checkpoints. As in
+copy of the UNet's encoder half (`time_embedding`, SDXL's `add_embedding`, `conv_in`,
+`down_blocks`, `mid_block`) plus its own modules, usually under the `control_model.` prefix in
+released checkpoints. As in
 diffusers, whose ControlNet conversion is its UNet conversion of the encoder half
 (`convert_ldm_unet_checkpoint(controlnet=True)`), the encoder's names here are those of the UNet
 map, `original_sd.unet_original_name` / `unet_diffusers_name` (`time_embed.*`,
@@ -28,8 +29,13 @@ reference. Two details go beyond that loader:
   resnet) maps to `middle_block.0` alone, as in sgm/ComfyUI's `transformer_depth_middle=-1`
   layout; the UNet map's `mid_block.resnets.i -> middle_block.{2 i}` covers both cases.
 
-Class/addition embeddings (SDXL-style `label_emb`) and `encoder_hid_proj` are not part of the
-SD1.x/2.x layout and are rejected rather than guessed.
+SDXL ControlNets carry the UNet's `add_embedding`, which the UNet map names `label_emb.0.0` /
+`label_emb.0.2` (sgm's layout, which ComfyUI's `cldm.ControlNet` with `adm_in_channels` and
+Stability's control-LoRA files use); it is part of the encoder half here, so it comes with the
+map. diffusers' `convert_controlnet_checkpoint` does not read it (its `addition_embed_type`
+table is left unused for ControlNets), so only cn_jax and ComfyUI load such a file. Class
+embeddings and `encoder_hid_proj` are not part of either layout and are rejected rather than
+guessed.
 """
 
 import functools
@@ -59,7 +65,9 @@ ORIGINAL_PREFIX = "control_model."
 
 # The top-level diffusers modules of the UNet's encoder half, which a ControlNet copies; their
 # names come from the UNet map.
-_UNET_ENCODER = frozenset({"time_embedding", "conv_in", "down_blocks", "mid_block"})
+_UNET_ENCODER = frozenset(
+    {"time_embedding", "add_embedding", "conv_in", "down_blocks", "mid_block"}
+)
 
 # ControlNet modules whose names do not depend on the configuration.
 _FIXED = _renames(

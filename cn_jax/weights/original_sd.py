@@ -16,6 +16,7 @@ for `L = layers_per_block`:
 | diffusers                                     | original                                      |
 |-----------------------------------------------|-----------------------------------------------|
 | `time_embedding.linear_1` / `linear_2`        | `time_embed.0` / `time_embed.2`               |
+| `add_embedding.linear_1` / `linear_2` (SDXL)  | `label_emb.0.0` / `label_emb.0.2`             |
 | `conv_in`                                     | `input_blocks.0.0`                            |
 | `down_blocks.b.resnets.l.<resnet>` (l < L)    | `input_blocks.n.0.<ResBlock>`                 |
 | `down_blocks.b.attentions.l.<rest>` (l < L)   | `input_blocks.n.1.<rest>`                     |
@@ -33,6 +34,12 @@ for `L = layers_per_block`:
 `transformer_blocks.k.*`, `proj_out`) are named alike in both layouts. A ControlNet is a copy of
 the encoder half, and its map (`original.py`) names it with this one (`unet_original_name`,
 `unet_diffusers_name`), as diffusers' ControlNet conversion is its UNet conversion.
+
+SDXL's UNet (sgm's `UNetModel` with `adm_in_channels`, 3 levels) is the same map: its
+`label_emb = Sequential(Sequential(Linear, SiLU, Linear))` is diffusers' `add_embedding`
+(`DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"]`), the first level's missing
+transformers leave no gap in the numbering (slot 1 is simply absent), and a transformer's depth
+is its `transformer_blocks.k` count, named alike in both layouts.
 
 **VAE.** With `N` up blocks, diffusers' `decoder.up_blocks.i` is LDM's `decoder.up.{N - 1 - i}`
 (LDM numbers the decoder from the highest resolution, diffusers from the lowest):
@@ -150,6 +157,9 @@ _UNET_FIXED = _renames(
     {
         "time_embedding.linear_1": "time_embed.0",
         "time_embedding.linear_2": "time_embed.2",
+        # SDXL's added (pooled text + size) embedding: sgm's `label_emb.0` Sequential.
+        "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2",
         "conv_in": "input_blocks.0.0",
         "conv_norm_out": "out.0",
         "conv_out": "out.2",
@@ -638,8 +648,8 @@ def unet_to_original(
       The original-layout state dict.
 
     Raises:
-      ValueError: if a key has no place in the original layout (class / addition embeddings,
-        ...), or `layers_per_block` disagrees with the resnets present.
+      ValueError: if a key has no place in the original layout (class embeddings,
+        `encoder_hid_proj`, ...), or `layers_per_block` disagrees with the resnets present.
     """
     _check_positive_int(layers_per_block, "layers_per_block")
     to_original = _unet_to_original_for(state, layers_per_block)
