@@ -235,7 +235,7 @@ def test_unknown_diffusers_key_is_named() -> None:
         "down_blocks.0.resnets.0.conv3.weight",
         "down_blocks.0.downsamplers.1.conv.weight",
         "mid_block.attentions.1.proj_in.weight",
-        "add_embedding.linear_1.weight",
+        "class_embedding.linear_1.weight",  # add_embedding is SDXL's label_emb, mapped
     ):
         with pytest.raises(ValueError, match=bad.replace(".", r"\.")):
             diffusers_to_original({**state, bad: torch.zeros(1)}, 2)
