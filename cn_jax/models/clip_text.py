@@ -1,15 +1,26 @@
-"""CLIP text encoder as Stable Diffusion uses it: transformers' `CLIPTextModel`.
+"""CLIP text encoders as Stable Diffusion uses them: transformers' `CLIPTextModel`
+and `CLIPTextModelWithProjection`, and SDXL's pair of them.
 
 SD 1.x: OpenAI CLIP ViT-L/14 text tower (768 wide, 12 layers, quick_gelu).
 SD 2.x: OpenCLIP ViT-H text tower as diffusers stores it in transformers'
 `CLIPTextModel` layout (1024 wide, 23 layers, gelu). Same module, two configs.
+SDXL (`SDXLTextEncoders`): CLIP ViT-L (`text_encoder`, a `CLIPTextModel`) and
+OpenCLIP ViT-bigG (`text_encoder_2`, a `CLIPTextModelWithProjection`: 1280 wide,
+32 layers, gelu, plus a bias-free `text_projection`), encoded as diffusers'
+`StableDiffusionXLPipeline.encode_prompt` does: the context is both towers'
+penultimate hidden states (`hidden_states[-2]`, before the final LayerNorm)
+concatenated (768 + 1280 = 2048 wide), the pooled embedding is the second
+tower's projected end-of-text state. `encode_text` gives every text encoder's
+`(context, pooled)` the same way.
 
 Module names are transformers' attribute names with list indices joined by
 `_`, so `cn_jax.weights.keymap` converts weights by its one rule:
 `text_model.encoder.layers.3.self_attn.q_proj.weight` <->
 `text_model/encoder/layers_3/self_attn/q_proj/kernel`,
 `text_model.embeddings.token_embedding.weight` <->
-`text_model/embeddings/token_embedding/embedding`.
+`text_model/embeddings/token_embedding/embedding`, and the projection head of
+`CLIPTextModelWithProjection` (outside `text_model`):
+`text_projection.weight` <-> `text_projection/kernel`.
 
 Semantics (transformers' `modeling_clip.py`): token + learned position
 embeddings (positions 0..L-1), pre-LayerNorm causal self-attention blocks, a
@@ -23,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -47,6 +58,8 @@ MAX_POSITIONS = 65536  # tokens per prompt; CLIP's is 77
 # `text_model.` prefix; diffusers folders and older transformers use it. Our
 # tree (and so `keymap`) uses the prefixed names; see `canonical_torch_state`.
 TORCH_PREFIX = "text_model."
+# `CLIPTextModelWithProjection`'s weights outside `text_model` (every version names them so).
+TORCH_TOP_LEVEL = ("text_projection.",)
 # Buffers that some state dicts carry but that are not weights (drop on load).
 IGNORED_TORCH_KEYS = ("text_model.embeddings.position_ids",)
 
@@ -71,10 +84,10 @@ _IGNORED_FIELDS = frozenset(
         "dropout",
     }
 )  # fmt: skip
-# Fields accepted only at one value: anything else describes another model.
+# Fields accepted only at one value: anything else describes another model. The
+# config's class adds `architectures`: its own transformers class, or none.
 _FIXED_FIELDS: dict[str, tuple[Any, ...]] = {
     "model_type": ("clip_text_model",),
-    "architectures": (None, ("CLIPTextModel",)),
     "pruned_heads": ({},),
 }
 
@@ -83,7 +96,9 @@ _FIXED_FIELDS: dict[str, tuple[Any, ...]] = {
 class CLIPTextConfig:
     """transformers' `CLIPTextConfig` fields, with transformers' defaults.
 
-    `sd15()` / `sd2()` give the text encoders of SD 1.x / SD 2.x.
+    `sd15()` / `sd2()` give the text encoders of SD 1.x / SD 2.x. A `config.json`
+    naming `architectures: ["CLIPTextModelWithProjection"]` (SDXL's `text_encoder_2`)
+    is read by `CLIPTextWithProjectionConfig`.
     """
 
     class_name: ClassVar[str] = "CLIPTextModel"
@@ -92,7 +107,7 @@ class CLIPTextConfig:
     vocab_size: int = 49408
     hidden_size: int = 512
     intermediate_size: int = 2048
-    projection_dim: int | None = 512  # unused by CLIPTextModel (no projection head)
+    projection_dim: int | None = 512  # text_projection width; unused by CLIPTextModel
     num_hidden_layers: int = 12
     num_attention_heads: int = 8
     max_position_embeddings: int = 77
@@ -165,13 +180,27 @@ class CLIPTextConfig:
           data: the parsed JSON.
           source: where it came from, for error messages (e.g. the file path).
         """
-        return strict_config(cls, data, source, _FIXED_FIELDS, _IGNORED_FIELDS)
+        fixed = dict(_FIXED_FIELDS, architectures=(None, (cls.class_name,)))
+        return strict_config(cls, data, source, fixed, _IGNORED_FIELDS)
 
     def to_dict(self) -> dict[str, Any]:
         """A dict transformers' `CLIPTextConfig` / `CLIPTextModel.from_pretrained` loads."""
         out: dict[str, Any] = {"architectures": [self.class_name], "model_type": self.model_type}
         out.update(dataclasses.asdict(self))
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextWithProjectionConfig(CLIPTextConfig):
+    """`CLIPTextConfig` of a `CLIPTextModelWithProjection` (`architectures` names that
+    class; the fields are the same, `projection_dim` the projection's width).
+
+    SDXL's `text_encoder_2/config.json` (OpenCLIP ViT-bigG): gelu, hidden_size 1280,
+    intermediate_size 5120, 20 heads, 32 layers, projection_dim 1280, the legacy
+    eos_token_id 2.
+    """
+
+    class_name: ClassVar[str] = "CLIPTextModelWithProjection"
 
 
 # -- modules ------------------------------------------------------------------
@@ -277,19 +306,42 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    """`layers_0 .. layers_{num_hidden_layers-1}`."""
+    """`layers_0 .. layers_{num_hidden_layers-1}`.
+
+    Returns the last layer's output and the penultimate hidden state (the last
+    layer's input: transformers' `hidden_states[-2]`, the embeddings for a
+    one-layer encoder).
+    """
 
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        penultimate = x
         for i in range(self.config.num_hidden_layers):
+            penultimate = x
             x = CLIPEncoderLayer(self.config, self.dtype, self.param_dtype, name=f"layers_{i}")(
                 x, mask
             )
-        return x
+        return x, penultimate
+
+
+class CLIPTextOutputs(NamedTuple):
+    """Everything a CLIP text tower computes that Stable Diffusion reads."""
+
+    last_hidden_state: jax.Array  # (B, L, hidden) after the final LayerNorm: SD 1.x/2.x context
+    pooler_output: jax.Array  # (B, hidden): the end-of-text token's last_hidden_state
+    penultimate_hidden_state: jax.Array  # (B, L, hidden): hidden_states[-2], no LayerNorm (SDXL)
+
+
+class CLIPTextProjectionOutputs(NamedTuple):
+    """`CLIPTextModelWithProjection`'s outputs; `[0]` is `text_embeds`, as in transformers."""
+
+    text_embeds: jax.Array  # (B, projection_dim): text_projection(pooler_output), SDXL's pooled
+    last_hidden_state: jax.Array  # (B, L, hidden) after the final LayerNorm
+    penultimate_hidden_state: jax.Array  # (B, L, hidden): hidden_states[-2] (SDXL's context)
 
 
 class CLIPTextTransformer(nn.Module):
@@ -302,7 +354,7 @@ class CLIPTextTransformer(nn.Module):
     @nn.compact
     def __call__(
         self, input_ids: jax.Array, attention_mask: jax.Array | None = None
-    ) -> tuple[jax.Array, jax.Array]:
+    ) -> CLIPTextOutputs:
         cfg, d, p = self.config, self.dtype, self.param_dtype
         mask = None
         if attention_mask is not None:
@@ -313,7 +365,7 @@ class CLIPTextTransformer(nn.Module):
                 )
             mask = attention_mask.astype(jnp.bool_)[:, None, None, :]  # (B, 1 head, 1 query, L)
         h = CLIPTextEmbeddings(cfg, d, p, name="embeddings")(input_ids)
-        h = CLIPEncoder(cfg, d, p, name="encoder")(h, mask)
+        h, penultimate = CLIPEncoder(cfg, d, p, name="encoder")(h, mask)
         last = _layer_norm(cfg.layer_norm_eps, d, p, "final_layer_norm")(h)
         if cfg.eos_token_id == 2:
             # Legacy configs (before transformers PR #24773): eos is the highest id.
@@ -321,18 +373,37 @@ class CLIPTextTransformer(nn.Module):
         else:
             eos = jnp.argmax((input_ids == cfg.eos_token_id).astype(jnp.int32), axis=-1)
         pooled = jnp.take_along_axis(last, eos[:, None, None], axis=1)[:, 0]
-        return last, pooled
+        return CLIPTextOutputs(last, pooled, penultimate)
 
 
 def example_inputs(config: CLIPTextConfig, batch: int = 1):
-    """Inputs for `CLIPTextModel.init` / `eval_shape`: (input_ids,)."""
+    """Inputs for `CLIPTextModel.init` / `eval_shape` (and `CLIPTextModelWithProjection`'s):
+    (input_ids,)."""
     return (jnp.zeros((batch, config.max_position_embeddings), jnp.int32),)
+
+
+def _checked_ids(input_ids: Any, config: CLIPTextConfig) -> jax.Array:
+    """`input_ids` as an integer (batch, length) array no longer than the positions."""
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(
+            f"input_ids must be an integer array (batch, length), got {input_ids.dtype} "
+            f"{input_ids.shape}"
+        )
+    if input_ids.shape[1] > config.max_position_embeddings:
+        raise ValueError(
+            f"input_ids length {input_ids.shape[1]} > max_position_embeddings "
+            f"{config.max_position_embeddings}"
+        )
+    return input_ids
 
 
 class CLIPTextModel(nn.Module):
     """transformers' `CLIPTextModel`: `(input_ids, attention_mask=None) -> (last, pooled)`.
 
-    Call: `model.apply({"params": p}, input_ids)`.
+    Call: `model.apply({"params": p}, input_ids)`; `model.apply({"params": p},
+    input_ids, method="outputs")` also gives the penultimate hidden state
+    (`CLIPTextOutputs`).
 
     Args (of `__call__`):
       input_ids: int (B, L) token ids, L <= max_position_embeddings (SD: 77,
@@ -352,35 +423,199 @@ class CLIPTextModel(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    @nn.compact
     def __call__(
         self, input_ids: jax.Array, attention_mask: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
-        input_ids = jnp.asarray(input_ids)
-        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
-            raise ValueError(
-                f"input_ids must be an integer array (batch, length), got {input_ids.dtype} "
-                f"{input_ids.shape}"
-            )
-        if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(
-                f"input_ids length {input_ids.shape[1]} > max_position_embeddings "
-                f"{self.config.max_position_embeddings}"
-            )
+        out = self.outputs(input_ids, attention_mask)
+        return out.last_hidden_state, out.pooler_output
+
+    @nn.compact
+    def outputs(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+    ) -> CLIPTextOutputs:
+        """`__call__`'s inputs -> `CLIPTextOutputs` (last, pooled and penultimate states)."""
+        input_ids = _checked_ids(input_ids, self.config)
         if attention_mask is not None:
             attention_mask = jnp.asarray(attention_mask)
         return CLIPTextTransformer(self.config, self.dtype, self.param_dtype, name="text_model")(
             input_ids, attention_mask
         )
 
+    @property
+    def max_length(self) -> int:
+        """The longest `input_ids` (tokens per prompt) the model takes."""
+        return self.config.max_position_embeddings
+
+    @nn.nowrap
+    def example_inputs(self, batch: int = 1) -> tuple[jax.Array]:
+        """Inputs for `init` / `eval_shape`: (input_ids,)."""
+        return example_inputs(self.config, batch)
+
+
+class CLIPTextModelWithProjection(nn.Module):
+    """transformers' `CLIPTextModelWithProjection`: the text tower plus a bias-free
+    `text_projection` (hidden_size -> projection_dim) of the pooled output.
+
+    Params: `text_model/...` (as `CLIPTextModel`'s) and `text_projection/kernel`.
+
+    Args (of `__call__`): as `CLIPTextModel`'s.
+
+    Returns:
+      `CLIPTextProjectionOutputs(text_embeds, last_hidden_state,
+      penultimate_hidden_state)`, all in `dtype`: `text_embeds` (B, projection_dim)
+      is transformers' `text_embeds` (`[0]`, SDXL's pooled prompt embedding),
+      `penultimate_hidden_state` its `hidden_states[-2]`.
+    """
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+    ) -> CLIPTextProjectionOutputs:
+        cfg = self.config
+        if cfg.projection_dim is None:
+            raise ValueError("CLIPTextModelWithProjection needs config.projection_dim, got None")
+        input_ids = _checked_ids(input_ids, cfg)
+        if attention_mask is not None:
+            attention_mask = jnp.asarray(attention_mask)
+        out = CLIPTextTransformer(cfg, self.dtype, self.param_dtype, name="text_model")(
+            input_ids, attention_mask
+        )
+        projection = nn.Dense(
+            cfg.projection_dim,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.initializers.normal(cfg.hidden_size**-0.5 * cfg.initializer_factor),
+            name="text_projection",
+        )
+        return CLIPTextProjectionOutputs(
+            projection(out.pooler_output), out.last_hidden_state, out.penultimate_hidden_state
+        )
+
+    @property
+    def max_length(self) -> int:
+        """The longest `input_ids` (tokens per prompt) the model takes."""
+        return self.config.max_position_embeddings
+
+    @nn.nowrap
+    def example_inputs(self, batch: int = 1) -> tuple[jax.Array]:
+        """Inputs for `init` / `eval_shape`: (input_ids,)."""
+        return example_inputs(self.config, batch)
+
+
+class SDXLTextEncoders(nn.Module):
+    """SDXL's two text encoders as one module, computing diffusers'
+    `StableDiffusionXLPipeline.encode_prompt` (with `clip_skip=None`).
+
+    Params: `{"text_encoder": <CLIPTextModel tree>, "text_encoder_2":
+    <CLIPTextModelWithProjection tree>}`, so each half converts by `keymap` from its
+    diffusers folder (`text_encoder/`, `text_encoder_2/`) on its own.
+
+    Args (of `__call__`):
+      input_ids: int (B, 2, L): row 0 the first tokenizer's ids (CLIP ViT-L's,
+        padded with `<|endoftext|>`), row 1 the second's (OpenCLIP's, padded with
+        `!`), L <= `max_length` (77).
+
+    Returns:
+      context (B, L, hidden + hidden_2): the penultimate hidden states
+      (`hidden_states[-2]`) of both encoders concatenated (SDXL: 768 + 1280 = 2048),
+      and pooled (B, projection_dim_2): `text_encoder_2`'s `text_embeds` (SDXL: 1280).
+      Both in `dtype`.
+    """
+
+    config: CLIPTextConfig  # text_encoder: CLIP ViT-L (no projection)
+    config_2: CLIPTextConfig  # text_encoder_2: OpenCLIP ViT-bigG, with projection_dim
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        input_ids = jnp.asarray(input_ids)
+        if (
+            input_ids.ndim != 3
+            or input_ids.shape[1] != 2
+            or not jnp.issubdtype(input_ids.dtype, jnp.integer)
+        ):
+            raise ValueError(
+                "SDXL input_ids must be an integer array (batch, 2, length) (row 0: the first "
+                f"tokenizer's ids, row 1: the second's), got {input_ids.dtype} {input_ids.shape}"
+            )
+        if input_ids.shape[2] > self.max_length:
+            raise ValueError(
+                f"SDXL input_ids length {input_ids.shape[2]} > max_length {self.max_length} "
+                "(max_position_embeddings of the two text encoders)"
+            )
+        d, p = self.dtype, self.param_dtype
+        first = CLIPTextModel(self.config, d, p, name="text_encoder").outputs(input_ids[:, 0])
+        second = CLIPTextModelWithProjection(self.config_2, d, p, name="text_encoder_2")(
+            input_ids[:, 1]
+        )
+        context = jnp.concatenate(
+            [first.penultimate_hidden_state, second.penultimate_hidden_state], axis=-1
+        )
+        return context, second.text_embeds
+
+    @property
+    def max_length(self) -> int:
+        """The longest ids (tokens per prompt) both encoders take (SDXL: 77)."""
+        return min(self.config.max_position_embeddings, self.config_2.max_position_embeddings)
+
+    @property
+    def context_dim(self) -> int:
+        """Width of the context (the UNet's `cross_attention_dim`; SDXL: 2048)."""
+        return self.config.hidden_size + self.config_2.hidden_size
+
+    @nn.nowrap
+    def example_inputs(self, batch: int = 1) -> tuple[jax.Array]:
+        """Inputs for `init` / `eval_shape`: (input_ids (batch, 2, max_length),)."""
+        return (jnp.zeros((batch, 2, self.max_length), jnp.int32),)
+
+
+TextEncoder = CLIPTextModel | CLIPTextModelWithProjection | SDXLTextEncoders
+
+
+def encode_text(
+    text_encoder: TextEncoder, params: Any, input_ids: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """`(context, pooled)` of any Stable Diffusion text encoder, as its pipeline reads them.
+
+    - `CLIPTextModel` (SD 1.x/2.x): `input_ids` (B, L) -> (last_hidden_state, pooled).
+    - `SDXLTextEncoders` (SDXL): `input_ids` (B, 2, L) -> both penultimate states
+      concatenated, and `text_encoder_2`'s projected pooled output.
+    - `CLIPTextModelWithProjection` alone (SDXL refiner, which has only
+      `text_encoder_2`): `input_ids` (B, L) -> (its penultimate state, text_embeds).
+
+    Args:
+      text_encoder: the module.
+      params: its parameter tree (what `apply` takes under `"params"`).
+      input_ids: the token ids, shaped as the module takes them.
+    """
+    variables = {"params": params}
+    if isinstance(text_encoder, SDXLTextEncoders | CLIPTextModel):
+        return tuple(text_encoder.apply(variables, input_ids))
+    if isinstance(text_encoder, CLIPTextModelWithProjection):
+        out = text_encoder.apply(variables, input_ids)
+        return out.penultimate_hidden_state, out.text_embeds
+    raise TypeError(
+        "encode_text takes a CLIPTextModel, CLIPTextModelWithProjection or SDXLTextEncoders, "
+        f"got {type(text_encoder).__name__}"
+    )
+
 
 def canonical_torch_state(state: Mapping[str, Any]) -> Mapping[str, Any]:
-    """A transformers `CLIPTextModel` state dict under the names `keymap` expects.
+    """A transformers `CLIPTextModel` (or `CLIPTextModelWithProjection`) state dict
+    under the names `keymap` expects.
 
     Adds the `text_model.` prefix that transformers >= 5 leaves out when it
-    saves a `CLIPTextModel` (diffusers folders and older transformers have it)
-    and drops `IGNORED_TORCH_KEYS`. A lazy view: a value is read from `state`
-    only when looked up, so a streaming reader stays streaming.
+    saves a `CLIPTextModel` (diffusers folders and older transformers have it),
+    keeps `text_projection.weight` (`TORCH_TOP_LEVEL`, outside `text_model` in
+    every version) as it is, and drops `IGNORED_TORCH_KEYS`. A lazy view: a
+    value is read from `state` only when looked up, so a streaming reader stays
+    streaming.
     """
     return _PrefixedState(state)
 
@@ -390,7 +625,8 @@ class _PrefixedState(Mapping):
         self._state = state
         self._names = {}
         for key in state:
-            name = key if key.startswith(TORCH_PREFIX) else TORCH_PREFIX + key
+            kept = key.startswith((TORCH_PREFIX, *TORCH_TOP_LEVEL))
+            name = key if kept else TORCH_PREFIX + key
             if name not in IGNORED_TORCH_KEYS:
                 self._names[name] = key
 

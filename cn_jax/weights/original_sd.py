@@ -9,6 +9,8 @@ An original SD 1.x/2.x checkpoint (`v1-5-pruned.safetensors`, `v2-1_768-ema-prun
 | `first_stage_model.`      | LDM `AutoencoderKL`       | `AutoencoderKL`                |
 | `cond_stage_model.transformer.` | SD 1.x: transformers CLIP text model | `CLIPTextModel` |
 | `cond_stage_model.model.` | SD 2.x: OpenCLIP ViT-H text tower | `CLIPTextModel`        |
+| `conditioner.embedders.0.transformer.` | SDXL: transformers CLIP ViT-L | `CLIPTextModel` |
+| `conditioner.embedders.1.model.` | SDXL: OpenCLIP ViT-bigG | `CLIPTextModelWithProjection` |
 
 **UNet** (pure renames, identical shapes). With `n = 1 + b (L + 1) + l` and `m = b (L + 1) + l`
 for `L = layers_per_block`:
@@ -74,8 +76,12 @@ linear weights in diffusers; this is the only place where a value changes shape.
 | `encoder.layers.N.self_attn.out_proj`           | `...resblocks.N.attn.out_proj`           |
 | `encoder.layers.N.mlp.fc1` / `fc2`              | `...resblocks.N.mlp.c_fc` / `c_proj`     |
 | `final_layer_norm`                              | `ln_final`                               |
+| `text_projection.weight` (outside `text_model.`) | `text_projection` (transposed) (***)    |
 
 (**) q, k and v are the thirds, in that order, of axis 0 of `in_proj_weight` / `in_proj_bias`.
+(***) Only `CLIPTextModelWithProjection` has it (`projection=True`): OpenCLIP's
+`text_projection` is a `(width, projection)` matrix applied as `x @ text_projection`, so the
+torch `Linear` weight is its transpose.
 
 SD 2.x conditions on OpenCLIP's penultimate layer, so diffusers' SD 2 text encoder has one layer
 fewer than OpenCLIP (23 of 24): the last resblock and `text_projection` are dropped (diffusers'
@@ -83,6 +89,14 @@ fewer than OpenCLIP (23 of 24): the last resblock and `text_projection` are drop
 from the keys or `num_layers`), and `logit_scale` is never read. Writing the other way can only
 produce the blocks the diffusers model has; LDM's `FrozenOpenCLIPEmbedder(layer="penultimate")`
 never runs the missing last block, and diffusers' loader reads the file fine.
+
+**Text encoders, SDXL** (sgm's `conditioner.embedders.*`): the SD 1.x rule below
+`conditioner.embedders.0.transformer.` (CLIP ViT-L, diffusers' `text_encoder`) and the OpenCLIP
+rule above below `conditioner.embedders.1.model.` (ViT-bigG, `text_encoder_2`), with every
+resblock and `text_projection` read: SDXL takes the penultimate hidden state from the whole
+tower (`hidden_states[-2]`) and the pooled embedding from its last layer, so diffusers'
+`text_encoder_2` has all 32 blocks (`sdxl_text_sources`, `sdxl_text_to_original`).
+`logit_scale` (and `position_ids` of the ViT-L) are not read.
 
 The diffusers-side text encoder names carry the `text_model.` prefix that diffusers' converters
 produce and diffusers folders store; transformers >= 5.6 flattens `CLIPTextModel`, so its own
@@ -123,6 +137,11 @@ CLIP_PREFIX = "cond_stage_model."
 SD1_CLIP_ROOT = "transformer."
 SD2_CLIP_ROOT = "model."
 TEXT_MODEL_PREFIX = "text_model."
+# SDXL (sgm) files: CLIP ViT-L below `<SDXL_CLIP_PREFIX>transformer.` and OpenCLIP ViT-bigG
+# below `<SDXL_OPEN_CLIP_PREFIX>model.` (the refiner has only the latter, as embedders.0).
+SDXL_CLIP_PREFIX = "conditioner.embedders.0."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1."
+SDXL_TEXT_PREFIXES = (SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX)
 
 ClipKind = Literal["sd1", "sd2"]
 
@@ -268,6 +287,10 @@ _CLIP_LAYER = _renames(
 _CLIP_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _OPEN_CLIP_IN_PROJ = "attn.in_proj"
 
+# `CLIPTextModelWithProjection`'s head, outside `text_model.` (transformers -> OpenCLIP below
+# `model.`); the value is transposed (`transpose_2d`).
+_CLIP_PROJECTION = _renames({"text_projection.weight": "text_projection"})
+
 # ---------------------------------------------------------------------------------------------
 # Keys an SD loader legitimately leaves unread
 # ---------------------------------------------------------------------------------------------
@@ -299,8 +322,10 @@ _IGNORED_TOP_LEVEL = frozenset(
 _IGNORED_PREFIXES = ("model_ema.",)
 # transformers' position-id buffer, persistent in the transformers versions SD 1.x was saved with.
 _SD1_CLIP_IGNORED = frozenset({"embeddings.position_ids"})
-# OpenCLIP parts outside the text tower diffusers uses (`attn_mask` is a buffer).
-_SD2_CLIP_IGNORED = frozenset({"text_projection", "logit_scale", "attn_mask"})
+# OpenCLIP parts no diffusers text encoder has (`attn_mask` is a buffer) ...
+_OPEN_CLIP_IGNORED = frozenset({"logit_scale", "attn_mask"})
+# ... and for SD 2.x, whose `CLIPTextModel` has no projection head, `text_projection` too.
+_SD2_CLIP_IGNORED = _OPEN_CLIP_IGNORED | {"text_projection"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,6 +472,13 @@ def third(x: np.ndarray, part: int) -> np.ndarray:
 
 # One shared transform per part, so that equal plans compare equal.
 _THIRDS = tuple(functools.partial(third, part=part) for part in range(3))
+
+
+def transpose_2d(x: np.ndarray) -> np.ndarray:
+    """A matrix transposed (contiguous): OpenCLIP's `text_projection` <-> a `Linear` weight."""
+    if x.ndim != 2:
+        raise ValueError(f"expected a matrix, got shape {tuple(x.shape)}")
+    return np.ascontiguousarray(x.T)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -884,29 +916,38 @@ def clip_sources(
     prefix: str = CLIP_PREFIX,
     num_layers: int | None = None,
     text_model_prefix: str = TEXT_MODEL_PREFIX,
+    projection: bool = False,
 ) -> dict[str, Source]:
-    """Plans loading a transformers `CLIPTextModel` from an original SD single file.
+    """Plans loading a transformers `CLIPTextModel` (or, with `projection`, an OpenCLIP tower as
+    a `CLIPTextModelWithProjection`) from an original SD single file.
 
     The kind (SD 1.x transformers CLIP or SD 2.x OpenCLIP) is read from the keys (`clip_kind`).
 
     Args:
       original_keys: the file's keys (all components; only the text encoder's are read).
-      prefix: the text encoder's prefix in the file.
+      prefix: the text encoder's prefix in the file (`SDXL_CLIP_PREFIX` /
+        `SDXL_OPEN_CLIP_PREFIX` for SDXL's two; see `sdxl_text_sources`).
       num_layers: `config.num_hidden_layers` of the target model; layers at or past it are left
-        out of the plan. By default every SD 1.x layer, and all OpenCLIP resblocks but the last
-        (SD 2.x uses the penultimate layer; diffusers' SD 2 text encoder has 23 of 24).
+        out of the plan. By default every SD 1.x layer; of OpenCLIP's resblocks all but the last
+        (SD 2.x uses the penultimate layer; diffusers' SD 2 text encoder has 23 of 24), or all
+        of them with `projection`.
       text_model_prefix: prepended to the transformers names; `""` for the flattened
         `CLIPTextModel.state_dict()` of transformers >= 5.6.
+      projection: also read OpenCLIP's `text_projection` into `text_projection.weight` (never
+        prefixed), as SDXL's `text_encoder_2` (`CLIPTextModelWithProjection`) has it. OpenCLIP
+        files only.
 
     Returns:
       `{transformers_key: (original_key, transform)}` in file order. For OpenCLIP, q/k/v are
-      `functools.partial(third, part=0|1|2)` of one `attn.in_proj_{weight,bias}`; every other
-      transform is None. `position_ids`, `text_projection`, `logit_scale` and layers past
-      `num_layers` are not read (see `ignored_keys`).
+      `functools.partial(third, part=0|1|2)` of one `attn.in_proj_{weight,bias}` and the
+      projection is `transpose_2d`; every other transform is None. `position_ids`,
+      `logit_scale`, layers past `num_layers` and, without `projection`, `text_projection` are
+      not read (see `ignored_keys`).
 
     Raises:
-      ValueError: if the file has no (or two) text encoders under `prefix`, or a key has no
-        place in the transformers layout (all such keys are named).
+      ValueError: if the file has no (or two) text encoders under `prefix`, a key has no
+        place in the transformers layout (all such keys are named), or `projection` is asked of
+        a file without OpenCLIP's `text_projection`.
     """
     keys = list(original_keys)
     kind = clip_kind(keys, prefix)
@@ -921,6 +962,11 @@ def clip_sources(
 
     if kind == "sd1":
         root = prefix + SD1_CLIP_ROOT
+        if projection:
+            raise ValueError(
+                f"projection: the transformers CLIP text encoder below {root!r} has no "
+                "text_projection (only an OpenCLIP tower, below 'model.', has one)"
+            )
         # Very old files lack the `text_model.` level.
         what = f"SD 1.x text encoder (below {root!r})"
         names = _strip_shared_prefix(_under(keys, root), TEXT_MODEL_PREFIX, what)
@@ -946,9 +992,13 @@ def clip_sources(
     names = _under(keys, root)
     limit = num_layers
     if limit is None:
-        limit = max(_max_index(names.values(), "transformer", "resblocks") - 1, 0)
+        blocks = _max_index(names.values(), "transformer", "resblocks")
+        limit = blocks if projection else max(blocks - 1, 0)
     for key, name in names.items():
-        if name in _SD2_CLIP_IGNORED:
+        if name in (_OPEN_CLIP_IGNORED if projection else _SD2_CLIP_IGNORED):
+            continue
+        if name in _CLIP_PROJECTION.to_diffusers:
+            plan[_CLIP_PROJECTION.to_diffusers[name]] = (key, transpose_2d)
             continue
         parsed = _open_clip_to_clip(name)
         if parsed is None:
@@ -962,11 +1012,17 @@ def clip_sources(
             plan[text_model_prefix + target] = (key, transform)
     if unmapped:
         raise _unmapped_error(unmapped, "original SD 2.x (OpenCLIP) text encoder")
+    if projection and not any(t in plan for t in _CLIP_PROJECTION.to_original):
+        raise ValueError(f"projection: no {root + 'text_projection'!r} in the file")
     # Cross-check with the writing direction's parser.
     for target, (key, transform) in plan.items():
-        back = _clip_to_open_clip(target[len(text_model_prefix) :])
-        part = None if transform is None else _THIRDS.index(transform)
-        if back is None or (root + back[0], back[1]) != (key, part):
+        if target in _CLIP_PROJECTION.to_original:
+            agree = root + _CLIP_PROJECTION.to_original[target] == key
+        else:
+            back = _clip_to_open_clip(target[len(text_model_prefix) :])
+            part = None if transform is None else _THIRDS.index(transform)
+            agree = back is not None and (root + back[0], back[1]) == (key, part)
+        if not agree:
             raise ValueError(f"ambiguous original SD 2.x text encoder key {key!r}")
     return plan
 
@@ -979,15 +1035,18 @@ def clip_to_original(
     Args:
       state: text encoder state dict of numpy arrays, every key with the `text_model.` prefix or
         none (transformers >= 5.6 `CLIPTextModel.state_dict()`); order is kept where possible.
+        For `"sd2"` it may also hold a `CLIPTextModelWithProjection`'s `text_projection.weight`.
       kind: `"sd1"` writes `cond_stage_model.transformer.text_model.*` unchanged; `"sd2"` writes
         OpenCLIP `cond_stage_model.model.*`, stacking q/k/v into `attn.in_proj_{weight,bias}`
-        (at the position of the layer's `q_proj`).
-      prefix: prepended to every original name.
+        (at the position of the layer's `q_proj`) and `text_projection.weight` transposed into
+        `text_projection`.
+      prefix: prepended to every original name (`SDXL_CLIP_PREFIX` / `SDXL_OPEN_CLIP_PREFIX`
+        for SDXL's two; see `sdxl_text_to_original`).
 
     Returns:
       The original-layout state dict. For `"sd2"` it has only the `num_hidden_layers` resblocks
-      the model has: OpenCLIP's last block (unused by SD 2.x), `text_projection` and
-      `logit_scale` have no diffusers counterpart and are not written.
+      the model has: OpenCLIP's last block (unused by SD 2.x), `text_projection` (for a model
+      without one) and `logit_scale` have no diffusers counterpart and are not written.
 
     Raises:
       ValueError: on an unknown kind, mixed prefixed/bare keys, a key with no place in the
@@ -995,7 +1054,11 @@ def clip_to_original(
     """
     if kind not in ("sd1", "sd2"):
         raise ValueError(f"kind must be 'sd1' or 'sd2', got {kind!r}")
-    names = _strip_shared_prefix({key: key for key in state}, TEXT_MODEL_PREFIX, "text encoder")
+    # OpenCLIP's projection head sits outside `text_model.` on both sides.
+    head = {key for key in state if key in _CLIP_PROJECTION.to_original} if kind == "sd2" else ()
+    names = _strip_shared_prefix(
+        {key: key for key in state if key not in head}, TEXT_MODEL_PREFIX, "text encoder"
+    )
 
     if kind == "sd1":
         unmapped = [key for key, name in names.items() if not _is_sd1_clip_name(name)]
@@ -1018,12 +1081,77 @@ def clip_to_original(
     if incomplete:
         raise ValueError(f"incomplete q/k/v for {_format_keys(incomplete)}")
     out: dict[str, np.ndarray] = {}
-    for key, (name, part) in mapped.items():
+    for key in state:
+        if key in head:
+            out[root + _CLIP_PROJECTION.to_original[key]] = transpose_2d(state[key])
+            continue
+        name, part = mapped[key]
         if part is None:
             out[root + name] = state[key]
         elif part == 0:
             out[root + name] = np.concatenate(stacks[name], axis=0)
     return out
+
+
+def sdxl_text_sources(
+    original_keys: Iterable[str],
+    num_layers: int | None = None,
+    num_layers_2: int | None = None,
+    text_model_prefix: str = TEXT_MODEL_PREFIX,
+) -> dict[str, dict[str, Source]]:
+    """Plans loading SDXL's two text encoders from an original (sgm) SDXL single file.
+
+    Args:
+      original_keys: the file's keys (all components; only the text encoders' are read).
+      num_layers: `text_encoder`'s `num_hidden_layers` (CLIP ViT-L: 12); by default all.
+      num_layers_2: `text_encoder_2`'s (OpenCLIP ViT-bigG: 32); by default all.
+      text_model_prefix: of `text_encoder`'s names (`""` for the flattened
+        `CLIPTextModel.state_dict()` of transformers >= 5.6); `text_encoder_2`'s always have it,
+        as `CLIPTextModelWithProjection` keeps its `text_model` level.
+
+    Returns:
+      `{"text_encoder": plan, "text_encoder_2": plan}`, each as `clip_sources` makes them: the
+      transformers CLIP below `SDXL_CLIP_PREFIX`, and the OpenCLIP tower below
+      `SDXL_OPEN_CLIP_PREFIX` with `projection=True`.
+
+    Raises:
+      ValueError: if either encoder is missing or of the other kind (an SDXL refiner file has
+        only an OpenCLIP tower, below `SDXL_CLIP_PREFIX`), or as `clip_sources` raises.
+    """
+    keys = list(original_keys)
+    for prefix, want, root in (
+        (SDXL_CLIP_PREFIX, "sd1", SD1_CLIP_ROOT),
+        (SDXL_OPEN_CLIP_PREFIX, "sd2", SD2_CLIP_ROOT),
+    ):
+        if clip_kind(keys, prefix) != want:
+            raise ValueError(f"not an SDXL base file: no text encoder keys under {prefix + root!r}")
+    return {
+        "text_encoder": clip_sources(keys, SDXL_CLIP_PREFIX, num_layers, text_model_prefix),
+        "text_encoder_2": clip_sources(keys, SDXL_OPEN_CLIP_PREFIX, num_layers_2, projection=True),
+    }
+
+
+def sdxl_text_to_original(
+    text_encoder: Mapping[str, np.ndarray], text_encoder_2: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Converts SDXL's two text encoders to the original (sgm) single-file layout.
+
+    Args:
+      text_encoder: the transformers `CLIPTextModel` state dict (CLIP ViT-L), written below
+        `conditioner.embedders.0.transformer.text_model.`.
+      text_encoder_2: the `CLIPTextModelWithProjection` state dict (OpenCLIP ViT-bigG), written
+        in OpenCLIP names below `conditioner.embedders.1.model.`, `text_projection` included.
+
+    Raises:
+      ValueError: if `text_encoder_2` has no `text_projection.weight`, or as `clip_to_original`
+        raises.
+    """
+    if not any(key in _CLIP_PROJECTION.to_original for key in text_encoder_2):
+        raise ValueError("SDXL text_encoder_2 state has no 'text_projection.weight'")
+    return {
+        **clip_to_original(text_encoder, "sd1", SDXL_CLIP_PREFIX),
+        **clip_to_original(text_encoder_2, "sd2", SDXL_OPEN_CLIP_PREFIX),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1055,7 +1183,8 @@ def ignored_keys(keys: Iterable[str], clip_prefix: str = CLIP_PREFIX) -> list[st
     These are the `LatentDiffusion` schedule buffers (`betas`, `alphas_cumprod`, ...,
     `scale_factor`, `logvar`), the EMA copy `model_ema.*`, transformers' `position_ids` buffer
     (SD 1.x), and for OpenCLIP (SD 2.x) `text_projection`, `logit_scale`, `attn_mask` and the
-    last resblock, which SD 2.x never runs.
+    last resblock, which SD 2.x never runs. Below SDXL's `conditioner.embedders.{0,1}.`, whose
+    towers are read whole, only `position_ids`, `logit_scale` and `attn_mask`.
     """
     keys = list(keys)
     sd1_root = clip_prefix + SD1_CLIP_ROOT
@@ -1067,6 +1196,12 @@ def ignored_keys(keys: Iterable[str], clip_prefix: str = CLIP_PREFIX) -> list[st
     def ignored(key: str) -> bool:
         if key in _IGNORED_TOP_LEVEL or key.startswith(_IGNORED_PREFIXES):
             return True
+        for prefix in SDXL_TEXT_PREFIXES:
+            if key.startswith(prefix + SD1_CLIP_ROOT):
+                name = key[len(prefix + SD1_CLIP_ROOT) :].removeprefix(TEXT_MODEL_PREFIX)
+                return name in _SD1_CLIP_IGNORED
+            if key.startswith(prefix + SD2_CLIP_ROOT):
+                return key[len(prefix + SD2_CLIP_ROOT) :] in _OPEN_CLIP_IGNORED
         if key.startswith(sd1_root):
             name = key[len(sd1_root) :].removeprefix(TEXT_MODEL_PREFIX)
             return name in _SD1_CLIP_IGNORED
