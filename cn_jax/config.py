@@ -61,8 +61,8 @@ class ModelConfig(_Section):
     # Weight variant of `base`, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors; a
     # component without it: its plain weights); None: the plain weights, else the fp16 ones.
     variant: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$")
-    base_config: str | None = None  # named config of a single-file base: sd15 | sd21
-    architecture: str = "tiny"  # for random bases: tiny | sd15 | sd21
+    base_config: str | None = None  # named config of a single-file base: sd15 | sd21 | sdxl
+    architecture: str = "tiny"  # for random bases: tiny | sd15 | sd21 | sdxl | sdxl-tiny
     tokenizer: str | None = None  # tokenizer folder; default: the base's (or bundled tiny one)
     controlnet: str | None = None  # continue from this ControlNet; None: copy of the base UNet
     controlnet_revision: str | None = None  # Hub branch, tag or commit of `controlnet`

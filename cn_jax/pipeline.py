@@ -12,7 +12,12 @@ steps as separate programs.
 Semantics follow diffusers' `StableDiffusionControlNetPipeline`: classifier-free
 guidance with [negative; positive] in one batch, `controlnet_conditioning_scale`
 per ControlNet, `control_guidance_start/end` windows, guess mode (the ControlNet
-sees only the conditional half) and several ControlNets summed.
+sees only the conditional half) and several ControlNets summed. An SDXL base
+(a UNet with `addition_embed_type: text_time`) follows diffusers'
+`StableDiffusionXLControlNetPipeline`: two tokenizers and text encoders
+(`prompt_2`, `negative_prompt_2`), the size numbers (`original_size`,
+`crops_coords_top_left`, `target_size` and their negative versions) and
+`force_zeros_for_empty_prompt` (no negative prompt: zero embeddings, not those of "").
 """
 
 from __future__ import annotations
@@ -38,19 +43,22 @@ from cn_jax.diffusion.guidance import (
     decode_latents,
     denoise,
     encode_prompts,
+    size_time_ids,
 )
 from cn_jax.diffusion.samplers import make_sampler
 from cn_jax.kernels import Kernels
 from cn_jax.models.controlnet import ControlNet
 from cn_jax.train import sharding as shd
 
-_OPTIONS = ("cfg", "guess_mode")  # a Job's static fields: they pick the program
+# A Job's static fields: they pick the program.
+_OPTIONS = ("cfg", "guess_mode", "zero_negative")
+_PER_ROW = ("ids", "neg_ids", "time_ids", "neg_time_ids", "latents")  # split over devices
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["ids", "neg_ids", "conds", "scales", "keep", "guidance_scale", "latents",
-                 "sampler", "rng"],
+                 "sampler", "rng", "time_ids", "neg_time_ids"],
     meta_fields=list(_OPTIONS),
 )  # fmt: skip
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +68,8 @@ class Job:
     A pytree: the arrays and the sampler are traced, `cfg` and `guess_mode` are
     static (they choose the program)."""
 
-    ids: jax.Array  # (B, L) token ids of the prompts
-    neg_ids: jax.Array  # (B, L) of the negative prompts
+    ids: jax.Array  # (B, L) token ids of the prompts; SDXL (B, 2, L), one row per tokenizer
+    neg_ids: jax.Array  # the same of the negative prompts
     conds: list[jax.Array]  # per ControlNet: (B, H, W, C) in [0, 1]
     scales: jax.Array  # (nets,) conditioning scales
     keep: jax.Array  # (nets, steps): 1 where a ControlNet acts (its guidance window)
@@ -71,6 +79,9 @@ class Job:
     rng: jax.Array  # for stochastic samplers
     cfg: bool  # classifier-free guidance (guidance_scale > 1)
     guess_mode: str | None  # None, or the kind of guess-mode scales
+    zero_negative: bool = False  # SDXL, no negative prompt: zero unconditional embeddings
+    time_ids: jax.Array | None = None  # SDXL: (B, 6) size numbers of the prompts
+    neg_time_ids: jax.Array | None = None  # SDXL: of the negative prompts
 
     @property
     def batch(self) -> int:
@@ -113,14 +124,25 @@ class ControlNetPipeline:
         self.latent_factor = 1 if self.vae is None else self.vae.config.latent_factor
         self.scaling_factor = 1.0 if self.vae is None else self.vae.config.scaling_factor
         for c in self.controlnets:
+            if c.config.has_text_time != self.unet.config.has_text_time:
+                base = "an SDXL" if self.unet.config.has_text_time else "an SD 1.x/2.x"
+                net = "an SDXL" if c.config.has_text_time else "an SD 1.x/2.x"
+                raise ValueError(f"{net} ControlNet cannot steer {base} base model")
             if c.config.latent_factor != self.latent_factor:
                 raise ValueError(
                     f"a ControlNet expects latent factor {c.config.latent_factor}, the base "
                     f"model has {self.latent_factor}"
                 )
+        # SDXL: the base's `force_zeros_for_empty_prompt` (model_index.json; diffusers' default)
+        self.force_zeros_for_empty_prompt = getattr(sd, "force_zeros_for_empty_prompt", True)
         self._compiled: dict = {}
         self.trace_count = 0  # how many times the generation program was traced
         self.sharded_batches: set[int] = set()  # batch sizes split over the local devices
+
+    @property
+    def is_sdxl(self) -> bool:
+        """An SDXL base (`addition_embed_type: text_time`): two text encoders, size numbers."""
+        return self.unet.config.has_text_time
 
     @classmethod
     def from_pretrained(
@@ -197,6 +219,14 @@ class ControlNetPipeline:
         height: int | None = None,
         width: int | None = None,
         guess_mode_scales_kind: str = "diffusers",
+        prompt_2: str | Sequence[str] | None = None,
+        negative_prompt_2: str | Sequence[str] | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
     ) -> Job:
         """Check one call's inputs and turn them into the program's `Job`.
 
@@ -211,13 +241,41 @@ class ControlNetPipeline:
           guess_mode_scales_kind: per-resolution scales in guess mode:
             "diffusers" (logspace(-1, 0, 13)), "original" (0.825 ** (12 - i)),
             or "paper" (64 / h_i at the block's spatial size).
+          prompt_2, negative_prompt_2: SDXL: the second text encoder's prompts
+            (default: `prompt` and `negative_prompt`).
+          original_size, crops_coords_top_left, target_size: SDXL's size numbers, each
+            (height, width) / (top, left); the sizes default to the output's (H, W).
+          negative_original_size, negative_crops_coords_top_left, negative_target_size:
+            the unconditional half's, used when both negative sizes are given (else the
+            prompts'), as diffusers.
         """
+        sdxl = self.is_sdxl
+        sdxl_options = dict(
+            prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, original_size=original_size,
+            target_size=target_size, negative_original_size=negative_original_size,
+            negative_target_size=negative_target_size,
+        )  # fmt: skip
+        given = [k for k, v in sdxl_options.items() if v is not None]
+        if not sdxl and (
+            given or (crops_coords_top_left, negative_crops_coords_top_left) != ((0, 0),) * 2
+        ):
+            raise ValueError(
+                f"{given or ['crops_coords_top_left']}: SDXL options, and this base is not SDXL"
+            )
         n_nets = len(self.controlnets)
         _check_number("guidance_scale", guidance_scale)
         _check_number("num_inference_steps", num_inference_steps, low=1, integer=True)
         _check_number("num_images_per_prompt", num_images_per_prompt, low=1, integer=True)
         _check_number("seed", seed, low=0, high=MAX_SEED, integer=True)
+        zero_negative = sdxl and negative_prompt is None and self.force_zeros_for_empty_prompt
         prompts, negatives = _prompt_lists(prompt, negative_prompt)
+        prompts_2 = negatives_2 = None
+        if sdxl:
+            prompts_2, _ = _prompt_lists(prompt if prompt_2 is None else prompt_2, None)
+            second_negative = negative_prompt if negative_prompt_2 is None else negative_prompt_2
+            _, negatives_2 = _prompt_lists(prompts_2, second_negative)
+            if len(prompts_2) != len(prompts):
+                raise ValueError(f"{len(prompts_2)} prompt_2 entries for {len(prompts)} prompts")
         images = self._control_images(image)
         h, w = self._output_size(images, height, width)
         batch = len(prompts) * num_images_per_prompt
@@ -228,9 +286,19 @@ class ControlNetPipeline:
         keep = [control_keep(s, e, len(sampler)) for s, e in zip(starts, ends)]
         scales = _per_net(controlnet_conditioning_scale, n_nets, "controlnet_conditioning_scale")
         noise = self._initial_noise(latents, seed, (batch, h, w))
+        time_ids = neg_time_ids = None
+        if sdxl:
+            time_ids = size_time_ids(batch, original_size or (h, w), crops_coords_top_left,
+                                     target_size or (h, w))  # fmt: skip
+            neg_time_ids = time_ids
+            if negative_original_size is not None and negative_target_size is not None:
+                neg_time_ids = size_time_ids(
+                    batch, negative_original_size, negative_crops_coords_top_left,
+                    negative_target_size,
+                )  # fmt: skip
         return Job(
-            ids=jnp.asarray(self._token_ids(prompts, num_images_per_prompt)),
-            neg_ids=jnp.asarray(self._token_ids(negatives, num_images_per_prompt)),
+            ids=jnp.asarray(self._token_ids(prompts, num_images_per_prompt, prompts_2)),
+            neg_ids=jnp.asarray(self._token_ids(negatives, num_images_per_prompt, negatives_2)),
             conds=[jnp.asarray(np.broadcast_to(c, (batch, *c.shape)).copy()) for c in conds],
             scales=jnp.asarray(scales, jnp.float32),
             keep=jnp.asarray(np.reshape(keep, (n_nets, len(sampler)))),
@@ -240,6 +308,9 @@ class ControlNetPipeline:
             rng=jax.random.PRNGKey(seed + 1),
             cfg=guidance_scale > 1.0,
             guess_mode=guess_mode_scales_kind if guess_mode else None,
+            zero_negative=bool(zero_negative),
+            time_ids=None if time_ids is None else jnp.asarray(time_ids),
+            neg_time_ids=None if neg_time_ids is None else jnp.asarray(neg_time_ids),
         )
 
     def run(self, job: Job) -> np.ndarray:
@@ -247,10 +318,14 @@ class ControlNetPipeline:
         return np.asarray(self._program(job)(self.params, job), np.float32)
 
     # -- the program's three steps (pure; `cn-jax bench sample` times each) ---------
-    def encode(self, params, job: Job) -> tuple[jax.Array, jax.Array | None]:
-        """Text: (context, unconditional context; None without CFG)."""
+    def encode(self, params, job: Job) -> tuple:
+        """Text: (conditioning, unconditional conditioning; None without CFG), each a
+        `guidance.TextCond`."""
         neg_ids = job.neg_ids if job.cfg else None
-        return encode_prompts(self.text_encoder, params["text_encoder"], job.ids, neg_ids)
+        return encode_prompts(
+            self.text_encoder, params["text_encoder"], job.ids, neg_ids, job.time_ids,
+            job.neg_time_ids, job.zero_negative,
+        )  # fmt: skip
 
     def denoise(self, params, job: Job, context, uncond_context) -> jax.Array:
         """The denoising loop (`guidance.denoise`) with the job's ControlNets -> latents."""
@@ -284,7 +359,8 @@ class ControlNetPipeline:
             mesh = shd.make_mesh(1, jax.local_devices())
             self.sharded_batches.add(job.batch)
             bs, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
-            per_row = dict(ids=bs, neg_ids=bs, conds=[bs] * len(job.conds), latents=bs)
+            per_row = {k: None if getattr(job, k) is None else bs for k in _PER_ROW}
+            per_row["conds"] = [bs] * len(job.conds)
             shared = dict(scales=rep, keep=rep, guidance_scale=rep, sampler=rep, rng=rep)
             job_shardings = dataclasses.replace(job, **per_row, **shared)
             fn = jax.jit(generate, in_shardings=(rep, job_shardings), out_shardings=bs)
@@ -353,11 +429,12 @@ class ControlNetPipeline:
             )
         return h2, w2
 
-    def _token_ids(self, prompts: list[str], repeats: int) -> np.ndarray:
+    def _token_ids(self, prompts: list[str], repeats: int, prompts_2=None) -> np.ndarray:
         from cn_jax.tokenizer import tokenize
 
         max_len = self.text_encoder.config.max_position_embeddings
-        return tokenize(self.sd.tokenizer, [p for p in prompts for _ in range(repeats)], max_len)
+        rep = lambda ps: None if ps is None else [p for p in ps for _ in range(repeats)]  # noqa: E731
+        return tokenize(self.sd.tokenizer, rep(prompts), max_len, rep(prompts_2))
 
     def _initial_noise(self, latents, seed: int, size: tuple[int, int, int]) -> jax.Array:
         """The given latents (checked) or N(0, 1) noise from `seed`, (B, h, w, C)."""

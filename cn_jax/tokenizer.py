@@ -15,10 +15,12 @@ so that one advisory is filtered out while this module imports it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -79,23 +81,55 @@ def load_tokenizer(folder: str | os.PathLike, revision: str | None = None) -> CL
         ) from e
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenizerPair:
+    """SDXL's two tokenizers: CLIP ViT-L's (`tokenizer/`) and OpenCLIP bigG's
+    (`tokenizer_2/`, the same vocabulary, padding with its own "!" token).
+    `tokenize` gives (B, 2, L) ids, one row per tokenizer."""
+
+    first: Any
+    second: Any
+
+    @property
+    def model_max_length(self) -> int:
+        return self.first.model_max_length
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, folder_2: str | os.PathLike) -> TokenizerPair:
+        return cls(load_tokenizer(folder), load_tokenizer(folder_2))
+
+
 def tokenize(
-    tokenizer: CLIPTokenizer, prompts: str | Sequence[str], max_length: int | None = None
+    tokenizer: CLIPTokenizer | TokenizerPair,
+    prompts: str | Sequence[str],
+    max_length: int | None = None,
+    prompts_2: str | Sequence[str] | None = None,
 ) -> np.ndarray:
     """Token ids of `prompts`, padded / truncated to `max_length`, as diffusers makes them.
 
     Args:
-      tokenizer: a CLIP tokenizer (e.g. from `load_tokenizer`).
+      tokenizer: a CLIP tokenizer (e.g. from `load_tokenizer`), or SDXL's `TokenizerPair`.
       prompts: one prompt or a sequence of them ("" is the unconditional prompt).
       max_length: ids per prompt, `<|startoftext|>` and `<|endoftext|>`
         included; default `tokenizer.model_max_length` (SD: 77).
+      prompts_2: with a `TokenizerPair`, the second tokenizer's prompts (diffusers'
+        `prompt_2`); default `prompts`.
 
     Returns:
-      int32 array (B, max_length).
+      int32 array (B, max_length); with a `TokenizerPair` (B, 2, max_length).
 
     Warns:
       UserWarning: for each prompt longer than `max_length`, naming the dropped text.
     """
+    if isinstance(tokenizer, TokenizerPair):
+        second = prompts if prompts_2 is None else prompts_2
+        ids = [tokenize(tokenizer.first, prompts, max_length)]
+        ids.append(tokenize(tokenizer.second, second, max_length))
+        if ids[0].shape[0] != ids[1].shape[0]:
+            raise ValueError(f"{ids[1].shape[0]} second prompts for {ids[0].shape[0]} prompts")
+        return np.stack(ids, axis=1)
+    if prompts_2 is not None:
+        raise ValueError("prompts_2 is for SDXL's two tokenizers; this model has one")
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)

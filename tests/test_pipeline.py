@@ -108,6 +108,8 @@ def test_input_errors(folder, tmp_path):
         pipe("a", str(bad), num_inference_steps=2)
     with pytest.raises(ValueError, match="expects \\(H, W, 3\\)"):
         pipe("a", np.zeros((96, 96, 2), np.float32), num_inference_steps=2)
+    with pytest.raises(ValueError, match="SDXL options, and this base is not SDXL"):
+        pipe("a", _cond(0), num_inference_steps=2, original_size=(64, 64))
     with pytest.warns(UserWarning, match="not a multiple"):
         out = pipe("a", np.zeros((100, 100, 3)), num_inference_steps=2, output_type="np")
     assert out.shape == (1, 96, 96, 3)

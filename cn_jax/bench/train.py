@@ -23,6 +23,7 @@ import numpy as np
 from cn_jax.bench import measure
 from cn_jax.config import Config
 from cn_jax.kernels.choice import COUNTING
+from cn_jax.models.clip_text import encode_text
 from cn_jax.runtime import release_after_setup
 from cn_jax.train import sharding as shd
 from cn_jax.train.loop import build, compute_dtype
@@ -72,28 +73,36 @@ def batch_spec(config: Config, models: StepModels, params: dict) -> dict[str, ja
 
     Without `data.cache_latents`: uint8 pixels and conditions (the loader's
     transport of 8-bit data; the step maps them to [-1, 1] and [0, 1]), token
-    ids. With it: the cached text embeddings (`encoder_hidden_states`) and VAE
+    ids (SDXL: (B, 2, L), and the size numbers `time_ids`). With it: the cached
+    text embeddings (`encoder_hidden_states`; SDXL's pooled `text_embeds`) and VAE
     posteriors (`latent_mean`, `latent_logvar`), or the pixels of a
     pixel-space model; dtypes as the frozen encoders produce them.
     """
     b, r = config.train.batch_size, config.data.resolution
     te_cfg = models.text_encoder.config
+    sdxl = models.unet.config.has_text_time
+    ids = (b, 2, te_cfg.max_position_embeddings) if sdxl else (b, te_cfg.max_position_embeddings)
     pixel_channels = models.vae.config.in_channels if models.vae else models.unet.config.in_channels
     spec = {
         "pixel_values": jax.ShapeDtypeStruct((b, r, r, pixel_channels), jnp.uint8),
         "conditioning_pixel_values": jax.ShapeDtypeStruct(
             (b, r, r, config.model.conditioning_channels), jnp.uint8
         ),
-        "input_ids": jax.ShapeDtypeStruct((b, te_cfg.max_position_embeddings), jnp.int32),
+        "input_ids": jax.ShapeDtypeStruct(ids, jnp.int32),
     }
+    if sdxl:
+        spec["time_ids"] = jax.ShapeDtypeStruct((b, 6), jnp.float32)
     if not config.data.cache_latents:
         return spec
     del spec["input_ids"]
-    spec["encoder_hidden_states"] = jax.eval_shape(
-        lambda p, ids: models.text_encoder.apply({"params": p}, ids)[0],
+    context, pooled = jax.eval_shape(
+        lambda p, ids: encode_text(models.text_encoder, p, ids),
         params["text_encoder"],
-        jax.ShapeDtypeStruct((b, te_cfg.max_position_embeddings), jnp.int32),
+        jax.ShapeDtypeStruct(ids, jnp.int32),
     )
+    spec["encoder_hidden_states"] = context
+    if sdxl:
+        spec["text_embeds"] = pooled
     if models.vae is not None:
         mean, logvar = jax.eval_shape(
             lambda p, x: models.vae.apply({"params": p}, x, method="encode"),
@@ -122,7 +131,9 @@ def synthetic_batch(
                 x = rng.uniform(0.0, 1.0, s.shape)
         elif key == "latent_logvar":
             x = rng.normal(-2.0, 0.1, s.shape)  # std about 0.37
-        else:  # latent_mean, encoder_hidden_states
+        elif key == "time_ids":  # SDXL's size numbers: a 1024 px crop of a larger image
+            x = np.tile(np.asarray([1280, 1024, 128, 0, 1024, 1024]), (s.shape[0], 1))
+        else:  # latent_mean, encoder_hidden_states, text_embeds
             x = rng.normal(0.0, 1.0, s.shape)
         out[key] = np.asarray(x).astype(s.dtype)
     return out

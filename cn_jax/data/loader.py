@@ -49,8 +49,10 @@ import numpy as np
 from cn_jax.data.sources import RECORD_COLUMNS, open_dataset
 from cn_jax.data.transforms import (
     BadSampleError,
+    image_size,
     preprocess_pair,
     preprocess_pair_pixels,
+    size_numbers,
     source_is_deep,
 )
 
@@ -125,7 +127,7 @@ class _Pending:
     batch: int
     positions: np.ndarray  # positions in the epoch order, before wrapping (for the mask)
     futures: list[Future] | None
-    results: list[tuple[int, str, int, Any]] | None  # filled directly when decoding inline
+    results: list[tuple[int, str, int, Any, Any]] | None  # filled directly when decoding inline
     pixels: np.ndarray | None  # None: the loader reads no target images
     conditions: np.ndarray
 
@@ -151,6 +153,7 @@ class Loader:
       ``condition_dtype="float32"``), the conditions;
     - ``input_ids``: (n, L) int32 if `tokenize` is given, else ``captions``: list of n str
       (after prompt dropout: a dropped prompt is "");
+    - ``time_ids``: (n, 6) float32 with ``time_ids=True``: SDXL's size numbers;
     - ``index``: (n,) int64, the dataset rows used (after bad-sample replacement);
     - ``mask``: (n,) bool, only with ``drop_last=False``: False for the rows that pad the
       last, short batch of an epoch (they repeat rows from the epoch's start, so every batch
@@ -190,6 +193,7 @@ class Loader:
         image_dtype: str = "auto",
         condition_dtype: str = "auto",
         images: bool = True,
+        time_ids: bool = False,
     ):
         """Set up the loader; no thread starts before the first batch is asked for.
 
@@ -224,6 +228,9 @@ class Loader:
           images: False: do not decode the target images (only their sizes are read, for
             the condition's geometry) and leave ``pixel_values`` out of the batches; for
             training on cached latents.
+          time_ids: add ``time_ids`` (n, 6) float32 to the batches: SDXL's size numbers of
+            each sample, its stored image's (height, width), the crop's (top, left) and the
+            target (R, R) (`transforms.size_numbers`), from the crop and flip used.
 
         Raises:
           ValueError: an argument is out of range, the dataset is smaller than the global
@@ -303,6 +310,7 @@ class Loader:
             "images=False sends conditions as integers: not with float32 transport",
         )
         self.images = images
+        self.time_ids = time_ids
         self.image_dtype = self._transport(image_dtype, "image") if images else np.dtype("uint8")
         self.condition_dtype = self._transport(condition_dtype, "conditioning_image")
         self._quantised_warned = False
@@ -467,11 +475,12 @@ class Loader:
         pixels: np.ndarray,
         conditions: np.ndarray,
         row: int,
-    ) -> tuple[int, str, int, Any]:
+    ) -> tuple[int, str, int, Any, Any]:
         """Decode the sample at `position` of the epoch order into `row` of the batch.
 
         Returns (dataset index used, caption after dropout, samples skipped before it, its
-        token ids or None): the caption is tokenized here, on the worker thread.
+        token ids or None, its size numbers or None): the caption is tokenized here, on the
+        worker thread.
         """
         n = len(order)
         for attempt in range(n):
@@ -509,6 +518,10 @@ class Loader:
                             "image_dtype / condition_dtype to uint16 to keep the depth",
                             index,
                         )
+                sizes = None
+                if self.time_ids:
+                    size = image_size(record["image"], row=index, column="image")
+                    sizes = size_numbers(size, self.resolution, choices.crop, choices.flip)
             except BadSampleError:
                 if self.on_bad_sample == "error":
                     raise
@@ -520,12 +533,12 @@ class Loader:
             if self.tokenize is not None:
                 with self._tokenize_lock:  # one call at a time: see `__init__`'s `tokenize`
                     ids = np.asarray(self.tokenize([caption]))
-            return index, caption, attempt, ids
+            return index, caption, attempt, ids, sizes
         raise BadSampleError(f"no sample of the {n} in the dataset could be decoded")
 
     def _finish(self, pending: _Pending) -> dict[str, Any]:
         """Turn a completed batch into the output dict (its rows tokenized by the workers)."""
-        indices, captions, skipped, row_ids = zip(*pending.results)
+        indices, captions, skipped, row_ids, sizes = zip(*pending.results)
         out: dict[str, Any] = {"conditioning_pixel_values": pending.conditions}
         if pending.pixels is not None:
             out["pixel_values"] = pending.pixels
@@ -539,6 +552,8 @@ class Loader:
             out["input_ids"] = np.concatenate(row_ids).astype(np.int32)
         else:
             out["captions"] = list(captions)
+        if self.time_ids:
+            out["time_ids"] = np.stack(sizes)
         out["index"] = np.asarray(indices, np.int64)
         if not self.drop_last:
             out["mask"] = pending.positions < self.num_examples

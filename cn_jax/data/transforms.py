@@ -363,14 +363,42 @@ def resize_shorter_side(img: Image.Image, resolution: int) -> Image.Image:
 
     Images already at that size are returned as they are; smaller ones are upscaled.
     """
-    w, h = img.size
-    if min(w, h) == resolution:
+    if min(img.size) == resolution:
         return img
+    return img.resize(resized_size(img.size, resolution), RESAMPLE)
+
+
+def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(width, height) after `resize_shorter_side`."""
+    w, h = size
+    if min(w, h) == resolution:
+        return w, h
     scale = resolution / min(w, h)
     # The shorter side is set exactly; the longer one rounded but never below resolution.
     new_w = resolution if w <= h else max(resolution, round(w * scale))
     new_h = resolution if h < w else max(resolution, round(h * scale))
-    return img.resize((new_w, new_h), RESAMPLE)
+    return new_w, new_h
+
+
+def size_numbers(
+    size: tuple[int, int], resolution: int, crop: tuple[float, float], flip: bool
+) -> np.ndarray:
+    """SDXL's six size numbers of a training sample, float32: the original image's
+    (height, width), the crop's (top, left) in the resized image (as seen after the flip:
+    a flipped crop's left edge is measured from the flipped image's left), and the target
+    (resolution, resolution). What the SDXL paper conditions on and diffusers'
+    `train_text_to_image_sdxl.py` computes (its flipped left is off by the crop's width).
+
+    Args:
+      size: (width, height) of the stored target image.
+      resolution, crop, flip: the transform's arguments (`preprocess_pair`).
+    """
+    w, h = size
+    rw, rh = resized_size(size, resolution)
+    left, top, right, _ = crop_box((rw, rh), resolution, crop)
+    if flip:
+        left = rw - right
+    return np.asarray([h, w, top, left, resolution, resolution], np.float32)
 
 
 def crop_box(

@@ -14,6 +14,12 @@ only inside its guidance window (`control_keep`). In guess mode the ControlNets
 see only the conditional half, the unconditional half gets no residual, and the
 residuals are scaled per resolution (`models.controlnet.guess_mode_scales`,
 which the ControlNet's own guess mode uses too).
+
+SDXL (`StableDiffusionXLControlNetPipeline`): a prompt's conditioning is a `TextCond`,
+the context plus the added conditioning (`text_embeds`, the pooled embedding of the second
+text encoder, and `time_ids`, the six size numbers); the unconditional half has its own
+(negative sizes, and zeros for a `None` negative prompt where the model asks for it), and
+in guess mode the ControlNets read the conditional half's.
 """
 
 from __future__ import annotations
@@ -27,6 +33,46 @@ import jax.numpy as jnp
 import numpy as np
 
 from cn_jax.models.controlnet import combine_controlnet_residuals, guess_mode_scales
+
+
+class TextCond(NamedTuple):
+    """What the denoiser reads of a batch of prompts.
+
+    Attributes:
+      context: (B, L, D) text embeddings (cross-attention context).
+      added: SDXL's `added_cond_kwargs`, {"text_embeds": (B, P), "time_ids": (B, 6)};
+        None for SD 1.x/2.x.
+    """
+
+    context: jax.Array
+    added: dict | None = None
+
+
+def size_time_ids(
+    batch: int,
+    original_size: Sequence[int],
+    crops_coords_top_left: Sequence[int] = (0, 0),
+    target_size: Sequence[int] | None = None,
+) -> np.ndarray:
+    """SDXL's six size numbers per image, float32 (batch, 6): original (height, width),
+    crop (top, left), target (height, width; default the original), diffusers'
+    `_get_add_time_ids`."""
+    target = original_size if target_size is None else target_size
+    ids = [*original_size, *crops_coords_top_left, *target]
+    if len(ids) != 6:
+        raise ValueError(
+            f"size numbers {original_size!r}, {crops_coords_top_left!r}, {target!r}: expected "
+            "(height, width), (top, left) and (height, width)"
+        )
+    return np.tile(np.asarray(ids, np.float32), (batch, 1))
+
+
+def sdxl_time_ids(unet, batch: int, resolution: int) -> np.ndarray | None:
+    """The size numbers of square `resolution` images, uncropped, for an SDXL `unet`
+    (what validation and evaluation sample with); None for SD 1.x/2.x."""
+    if not unet.config.has_text_time:
+        return None
+    return size_time_ids(batch, (resolution, resolution))
 
 
 class Control(NamedTuple):
@@ -49,21 +95,58 @@ class Control(NamedTuple):
 
 
 def encode_prompts(
-    text_encoder, params: Any, ids: jax.Array, neg_ids: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array | None]:
-    """Token ids -> (context, unconditional context), each (B, L, D).
+    text_encoder,
+    params: Any,
+    ids: jax.Array,
+    neg_ids: jax.Array | None = None,
+    time_ids: jax.Array | None = None,
+    neg_time_ids: jax.Array | None = None,
+    zero_negative: bool = False,
+) -> tuple[TextCond, TextCond | None]:
+    """Token ids -> (conditioning, unconditional conditioning) `TextCond`s.
 
-    `neg_ids` None (no classifier-free guidance): the second is None."""
-    encode = lambda x: text_encoder.apply({"params": params}, x)[0]  # noqa: E731
-    return encode(ids), None if neg_ids is None else encode(neg_ids)
+    Args:
+      ids, neg_ids: (B, L) token ids, SDXL (B, 2, L) (one row per tokenizer); `neg_ids`
+        None (no classifier-free guidance): the second result is None.
+      time_ids, neg_time_ids: SDXL only: (B, 6) size numbers (`size_time_ids`) of the
+        prompts and of the negative prompts (default: the prompts').
+      zero_negative: SDXL's `force_zeros_for_empty_prompt` with no negative prompt: the
+        unconditional context and pooled embedding are zeros, not the encoding of "".
+    """
+    from cn_jax.models.clip_text import encode_text
+
+    def encode(x, sizes):
+        context, pooled = encode_text(text_encoder, params, x)
+        if not _is_sdxl(text_encoder):
+            return TextCond(context)
+        if sizes is None:
+            raise ValueError("an SDXL model needs time_ids (size_time_ids) to encode prompts")
+        return TextCond(context, {"text_embeds": pooled, "time_ids": jnp.asarray(sizes)})
+
+    cond = encode(ids, time_ids)
+    if neg_ids is None:
+        return cond, None
+    neg_sizes = time_ids if neg_time_ids is None else neg_time_ids
+    if not zero_negative:
+        return cond, encode(neg_ids, neg_sizes)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, cond)
+    if zeros.added is not None:  # the size numbers stay: they are not the prompt's
+        zeros = zeros._replace(added={**zeros.added, "time_ids": jnp.asarray(neg_sizes)})
+    return cond, zeros
+
+
+def _is_sdxl(text_encoder) -> bool:
+    from cn_jax.models.clip_text import SDXLTextEncoders
+
+    return isinstance(text_encoder, SDXLTextEncoders)
 
 
 def denoise(
     unet,
     unet_params: Any,
     controls: Sequence[Control],
-    context: jax.Array,
-    uncond_context: jax.Array | None,
+    context: TextCond | jax.Array,
+    uncond_context: TextCond | jax.Array | None,
     latents: jax.Array,
     sampler,
     guidance_scale: float | jax.Array = 7.5,
@@ -75,9 +158,9 @@ def denoise(
     Args:
       unet, unet_params: the denoiser.
       controls: one `Control` per ControlNet (none: the base model alone).
-      context: (B, L, D) text embeddings of the prompts.
-      uncond_context: (B, L, D) embeddings of the negative / empty prompts, or
-        None for no classifier-free guidance.
+      context: the prompts' `TextCond` (or their (B, L, D) context alone, SD 1.x/2.x).
+      uncond_context: the same of the negative / empty prompts, or None for no
+        classifier-free guidance.
       latents: (B, h, w, C) initial noise.
       sampler: a `cn_jax.diffusion.samplers` sampler.
       guidance_scale: CFG weight (ignored without `uncond_context`).
@@ -89,7 +172,10 @@ def denoise(
       The final latents (B, h, w, C), float32.
     """
     cfg = uncond_context is not None
-    ctx = jnp.concatenate([uncond_context, context]) if cfg else context
+    context = context if isinstance(context, TextCond) else TextCond(context)
+    if cfg and not isinstance(uncond_context, TextCond):
+        uncond_context = TextCond(uncond_context)
+    ctx = _stack(uncond_context, context) if cfg else context
     # In guess mode the ControlNets see only the conditional half.
     net_ctx = context if guess_mode else ctx
     duplicate = cfg and not guess_mode
@@ -107,7 +193,10 @@ def denoise(
             tt = jnp.full((x.shape[0],), t, jnp.float32)
             # Scaled here, not by the net's conditioning_scale: one path for plain and
             # guess-mode scales, each residual kept in its dtype.
-            down, mid = c.net.apply({"params": c.params}, x, tt, net_ctx, cond)
+            down, mid = c.net.apply(
+                {"params": c.params}, x, tt, net_ctx.context, cond,
+                added_cond_kwargs=net_ctx.added,
+            )  # fmt: skip
             outs.append(_scaled(down, mid, scale, w))
         if not outs:
             return None, None
@@ -124,8 +213,9 @@ def denoise(
         t = sampler.model_timestep(i)
         down, mid = residuals(scaled if guess_mode else inp, t, i)
         out = unet.apply(
-            {"params": unet_params}, inp, jnp.full((inp.shape[0],), t, jnp.float32), ctx,
+            {"params": unet_params}, inp, jnp.full((inp.shape[0],), t, jnp.float32), ctx.context,
             down_block_additional_residuals=down, mid_block_additional_residual=mid,
+            added_cond_kwargs=ctx.added,
         ).astype(jnp.float32)  # fmt: skip
         if cfg:
             uncond, cond = jnp.split(out, 2)
@@ -135,6 +225,11 @@ def denoise(
     x = latents.astype(jnp.float32)
     (_, x), _ = jax.lax.scan(step, (sampler.init_state(x, rng), x), jnp.arange(len(sampler)))
     return x
+
+
+def _stack(first: TextCond, second: TextCond) -> TextCond:
+    """[first; second] along the batch, every part of the conditioning."""
+    return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), first, second)
 
 
 def _scaled(down, mid, scale, weights):
@@ -159,15 +254,18 @@ def generation_program(unet, controlnet, text_encoder, vae=None, scaling_factor:
     """Prompts and conditions -> images with one ControlNet (None: the base alone).
 
     Returns `jit(generate)`, one per set of modules (compiled per shapes), with
-    `generate(params, ids, neg_ids, cond, latents, sampler, guidance_scale)`:
+    `generate(params, ids, neg_ids, cond, latents, sampler, guidance_scale, time_ids=None)`:
     `params` a run's tree ("unet", "text_encoder", "controlnet", "vae"), token
-    ids (B, L) of the prompts and of the negative prompts, the conditions
-    (B, H, W, C) in [0, 1], the initial latents (already scaled by the
-    sampler's `init_noise_sigma`); images (B, H, W, C) in [-1, 1].
+    ids (B, L) (SDXL: (B, 2, L)) of the prompts and of the negative prompts, the
+    conditions (B, H, W, C) in [0, 1], the initial latents (already scaled by the
+    sampler's `init_noise_sigma`), SDXL's size numbers (B, 6) (`size_time_ids`) for
+    both halves; images (B, H, W, C) in [-1, 1].
     """
 
-    def generate(params, ids, neg_ids, cond, latents, sampler, guidance_scale):
-        context, uncond = encode_prompts(text_encoder, params["text_encoder"], ids, neg_ids)
+    def generate(params, ids, neg_ids, cond, latents, sampler, guidance_scale, time_ids=None):
+        context, uncond = encode_prompts(
+            text_encoder, params["text_encoder"], ids, neg_ids, time_ids
+        )
         controls = [] if controlnet is None else [Control(controlnet, params["controlnet"], cond)]
         x = denoise(
             unet, params["unet"], controls, context, uncond, latents, sampler, guidance_scale

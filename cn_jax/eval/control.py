@@ -23,7 +23,7 @@ import numpy as np
 
 from cn_jax.data.fill50k import fill50k_truth, render_fill50k
 from cn_jax.data.transforms import to_uint8
-from cn_jax.diffusion.guidance import generation_program
+from cn_jax.diffusion.guidance import generation_program, sdxl_time_ids
 from cn_jax.diffusion.samplers import make_sampler
 from cn_jax.eval.circles import disk_mask, iou, score_batch
 from cn_jax.tokenizer import tokenize
@@ -97,6 +97,7 @@ class ControlEvaluator:
         # mesh of the (possibly multi-process) parameters.
         self.latents = np.asarray(noise * self.sampler.init_noise_sigma)
         self.cond = self.held_out.conditions.astype(np.float32) / 255.0
+        self.time_ids = sdxl_time_ids(unet, num_samples, resolution)
 
     def images(self, params: dict[str, Any]) -> np.ndarray:
         """uint8 (N, H, W, 3) samples of the held-out set with `params` (a full tree:
@@ -108,7 +109,7 @@ class ControlEvaluator:
         params = {k: params.get(k) for k in ("unet", "text_encoder", "controlnet", "vae")}
         x = generate(
             params, self.ids, self.empty_ids, self.cond, self.latents, self.sampler,
-            self.guidance_scale,
+            self.guidance_scale, self.time_ids,
         )  # fmt: skip
         return to_uint8(to_host(x))
 

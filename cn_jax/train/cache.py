@@ -5,9 +5,11 @@ encoder a little more, and both are frozen: their outputs for a sample never
 change. The cache keeps, per dataset row, the VAE posterior (mean and
 log-variance, so each step still draws a fresh latent sample, as without the
 cache) and the caption's text embedding, plus the embedding of the empty
-prompt used for prompt dropout. It is written under `<workdir>/latent_cache/`
-and reused on resume. Host memory: (2 * latent size + L * D) floats a row,
-e.g. about 360 KB a row for SD 1.5 at 512 px.
+prompt used for prompt dropout; SDXL adds the pooled embedding of both
+(`text_embeds`, `empty_text_embeds`; the size numbers come from the loader). It is
+written under `<workdir>/latent_cache/` and reused on resume. Host memory:
+(2 * latent size + L * D) floats a row, e.g. about 360 KB a row for SD 1.5 at 512 px,
+about 1.2 MB for SDXL at 1024 px.
 
 Needs a fixed crop (no random crop or flip: the latent of a flipped image is
 not the flipped latent) and one caption per row.
@@ -23,11 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from cn_jax.data.transforms import preprocess_pair
+from cn_jax.models.clip_text import encode_text
 from cn_jax.tokenizer import tokenize
 from cn_jax.train import sharding as shd
 
 CACHE_DIR = "latent_cache"
-_FILES = ("mean", "logvar", "context", "empty_context")
+_FILES = ("mean", "logvar", "context", "empty_context", "text_embeds", "empty_text_embeds")
 
 
 def check_cacheable(config) -> None:
@@ -43,21 +46,28 @@ def build_cache(config, models, params: dict, sd, dataset, workdir: Path, batch_
     out = Path(workdir) / CACHE_DIR
     n = len(dataset)
     meta = {"rows": n, "resolution": config.data.resolution, "path": str(config.data.path)}
+    sdxl = models.unet.config.has_text_time
+    if sdxl:  # two text encoders and a pooled embedding: another cache
+        meta["sdxl"] = True
     if (out / "meta.json").is_file() and json.loads((out / "meta.json").read_text()) == meta:
         files = [k for k in _FILES if (out / f"{k}.npy").exists()]
         return {k: np.load(out / f"{k}.npy", mmap_mode="r") for k in files}
     check_cacheable(config)
     max_len = sd.text_encoder.config.max_position_embeddings
 
+    def text(ids):
+        ctx, pooled = encode_text(models.text_encoder, params["text_encoder"], ids)
+        return ctx, pooled if sdxl else None
+
     @jax.jit
     def encode(pixels, ids):
-        ctx = models.text_encoder.apply({"params": params["text_encoder"]}, ids)[0]
+        ctx, pooled = text(ids)
         if models.vae is None:
-            return None, None, ctx
+            return None, None, ctx, pooled
         mean, logvar = models.vae.apply({"params": params["vae"]}, pixels, method="encode")
-        return mean, logvar, ctx
+        return mean, logvar, ctx, pooled
 
-    chunks: dict[str, list] = {"mean": [], "logvar": [], "context": []}
+    chunks: dict[str, list] = {"mean": [], "logvar": [], "context": [], "text_embeds": []}
     from tqdm import tqdm
 
     for start in tqdm(range(0, n, batch_size), desc="caching latents", unit="batch"):
@@ -77,20 +87,22 @@ def build_cache(config, models, params: dict, sd, dataset, workdir: Path, batch_
             )  # fmt: skip
             pixels.append(img)
             ids.append(cap)
-        mean, logvar, ctx = encode(
+        mean, logvar, ctx, pooled = encode(
             jnp.asarray(np.stack(pixels)), tokenize(sd.tokenizer, ids, max_len)
         )
         # Every process encodes every row (the frozen encoders may be split over them
         # all, mesh.fsdp); to_host gathers what another process's devices hold.
         chunks["context"].append(shd.to_host(ctx))
+        if pooled is not None:
+            chunks["text_embeds"].append(shd.to_host(pooled))
         if mean is not None:
             chunks["mean"].append(shd.to_host(mean))
             chunks["logvar"].append(shd.to_host(logvar))
-    empty = models.text_encoder.apply(
-        {"params": params["text_encoder"]}, tokenize(sd.tokenizer, [""], max_len)
-    )[0][0]
+    empty, empty_pooled = text(tokenize(sd.tokenizer, [""], max_len))
     cache = {k: np.concatenate(v) for k, v in chunks.items() if v}
-    cache["empty_context"] = shd.to_host(empty)
+    cache["empty_context"] = shd.to_host(empty[0])
+    if empty_pooled is not None:
+        cache["empty_text_embeds"] = shd.to_host(empty_pooled[0])
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         for k, v in cache.items():
@@ -112,6 +124,10 @@ def cached_batch(cache: dict, local: dict, has_vae: bool) -> dict:
     ctx = np.asarray(cache["context"][index])
     ctx[dropped] = cache["empty_context"]
     local["encoder_hidden_states"] = ctx
+    if "text_embeds" in cache:  # SDXL
+        pooled = np.asarray(cache["text_embeds"][index])
+        pooled[dropped] = cache["empty_text_embeds"]
+        local["text_embeds"] = pooled
     if has_vae:
         local.pop("pixel_values", None)
         local["latent_mean"] = np.asarray(cache["mean"][index])

@@ -289,6 +289,7 @@ def train(config: Config, workdir: str | Path, progress: bool = True) -> dict[st
         process_count=n_proc,
         tokenize=None if cache else (lambda prompts: tokenize(sd.tokenizer, prompts, max_len)),
         images=cache is None or models.vae is None,  # cached latents: no target decode
+        time_ids=models.unet.config.has_text_time,  # SDXL's size numbers of each sample
         start_position=data_position,
     )
 

@@ -1,7 +1,9 @@
 """The pure training step: `train_step(state, frozen, batch, rng) -> (state, metrics)`.
 
 Data flow (docs/design.md): VAE encode (frozen) -> latents * scaling_factor;
-CLIP text (frozen) -> context; t ~ U[0, T), noise ~ N(0, 1), z_t = add_noise;
+CLIP text (frozen) -> context (SDXL: two encoders -> context and pooled embedding, with
+the batch's size numbers `time_ids` the added conditioning); t ~ U[0, T), noise ~ N(0, 1),
+z_t = add_noise;
 ControlNet (trainable) -> residuals -> UNet (frozen) -> prediction; MSE against
 the eps (or v) target; gradients for `state.params` only -> optax.
 
@@ -22,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cn_jax.diffusion.guidance import TextCond
 from cn_jax.diffusion.noise import add_noise, sample_timesteps, training_target
 from cn_jax.kernels import Kernels
-from cn_jax.models.clip_text import CLIPTextModel
+from cn_jax.models.clip_text import CLIPTextModel, SDXLTextEncoders, encode_text
 from cn_jax.models.controlnet import ControlNet
 from cn_jax.models.unet import UNet
 from cn_jax.models.vae import AutoencoderKL
@@ -38,7 +41,7 @@ class StepModels:
     unet: UNet
     controlnet: ControlNet | None  # None: plain UNet fine-tuning
     vae: AutoencoderKL | None  # None: pixel-space model (latent factor 1)
-    text_encoder: CLIPTextModel
+    text_encoder: CLIPTextModel | SDXLTextEncoders
     prediction_type: str = "epsilon"
     scaling_factor: float = 0.18215
 
@@ -119,7 +122,8 @@ def condition_to_model_range(x: jax.Array) -> jax.Array:
 
 
 def encode_batch(models: StepModels, params: dict, batch: dict, vae_noise: jax.Array) -> tuple:
-    """Latents and text context of a batch (frozen models; or the cached ones)."""
+    """Latents and text conditioning (`TextCond`) of a batch (frozen models; or the cached
+    ones). SDXL: the pooled embedding and the batch's `time_ids` are the added conditioning."""
     if "latents" in batch:
         latents = batch["latents"]
     elif models.vae is None:
@@ -136,12 +140,15 @@ def encode_batch(models: StepModels, params: dict, batch: dict, vae_noise: jax.A
         std = jnp.exp(0.5 * logvar.astype(jnp.float32))
         latents = (mean.astype(jnp.float32) + std * vae_noise) * models.scaling_factor
     if "encoder_hidden_states" in batch:
-        context = batch["encoder_hidden_states"]
+        context, pooled = batch["encoder_hidden_states"], batch.get("text_embeds")
     else:
-        context = models.text_encoder.apply({"params": params["text_encoder"]}, batch["input_ids"])[
-            0
-        ]
-    return jax.lax.stop_gradient(latents), jax.lax.stop_gradient(context)
+        context, pooled = encode_text(
+            models.text_encoder, params["text_encoder"], batch["input_ids"]
+        )
+    text = TextCond(context)
+    if "time_ids" in batch:  # SDXL (the loader's `time_ids=True`)
+        text = TextCond(context, {"text_embeds": pooled, "time_ids": batch["time_ids"]})
+    return jax.lax.stop_gradient(latents), jax.lax.stop_gradient(text)
 
 
 def loss_fn(
@@ -154,7 +161,7 @@ def loss_fn(
 ) -> tuple[jax.Array, dict]:
     """Mean squared error of the model's prediction against the diffusion target."""
     params = merge(trainable, frozen)
-    latents, context = encode_batch(models, params, batch, draws["vae_noise"])
+    latents, text = encode_batch(models, params, batch, draws["vae_noise"])
     latents = latents.astype(jnp.float32)
     t, noise = draws["t"], draws["noise"]
     noisy = add_noise(alphas_cumprod, latents, noise, t)
@@ -164,16 +171,18 @@ def loss_fn(
             {"params": params["controlnet"]},
             noisy,
             t,
-            context,
+            text.context,
             condition_to_model_range(batch["conditioning_pixel_values"]),
+            added_cond_kwargs=text.added,
         )
     pred = models.unet.apply(
         {"params": params["unet"]},
         noisy,
         t,
-        context,
+        text.context,
         down_block_additional_residuals=down,
         mid_block_additional_residual=mid,
+        added_cond_kwargs=text.added,
     )
     target = training_target(models.prediction_type, latents, noise, alphas_cumprod, t)
     loss = jnp.mean((pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from cn_jax.data.transforms import preprocess_pair, to_uint8
-from cn_jax.diffusion.guidance import generation_program
+from cn_jax.diffusion.guidance import generation_program, sdxl_time_ids
 from cn_jax.diffusion.samplers import make_sampler
 from cn_jax.grid import labelled_grid
 from cn_jax.tokenizer import tokenize
@@ -56,6 +56,7 @@ def validation_grid(config, models, state, frozen, sd, dataset, path: Path) -> N
     x = generate(
         params, tokenize(sd.tokenizer, prompts, max_len), tokenize(sd.tokenizer, [""] * n, max_len),
         np.stack(conds), latents * sampler.init_noise_sigma, sampler, GUIDANCE_SCALE,
+        sdxl_time_ids(models.unet, n, res),
     )  # fmt: skip
     images = to_uint8(to_host(x))
     if jax.process_index() != 0:
