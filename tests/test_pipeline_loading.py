@@ -163,8 +163,10 @@ def test_single_file_needs_a_config_and_reports_wrong_one(sd_folder, tmp_path):
         cn_jax.load_pipeline(path)
     with pytest.raises(WeightFileError, match="mis-shaped keys"):
         cn_jax.load_pipeline(path, config="sd15")  # real SD 1.5 shapes: every tensor differs
-    with pytest.raises(ValueError, match="unknown model config 'sdxl'"):
-        cn_jax.load_pipeline(path, config="sdxl")
+    with pytest.raises(ValueError, match="unknown model config 'sd9'"):
+        cn_jax.load_pipeline(path, config="sd9")
+    with pytest.raises(WeightFileError, match="not an SDXL base file"):
+        cn_jax.load_pipeline(path, config="sdxl")  # an SD 1.x file read as SDXL
 
 
 def test_single_file_unexpected_keys_named(sd_folder, tmp_path):

@@ -45,6 +45,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 DIFFUSERS_COMPAT_VERSION = "0.42.1"
 # safetensors metadata key holding cn_jax's exact config in single files.
 CONFIG_METADATA_KEY = "cn_jax_config"
+# SDXL's text_time embedding, assumed when a bare file's config is inferred: six size
+# numbers of 256 sinusoidal features each.
+SDXL_TIME_IDS = 6
+SDXL_TIME_EMBED_DIM = 256
 
 
 # -- reading --------------------------------------------------------------------
@@ -225,10 +229,17 @@ def load_controlnet(
     A single file may use diffusers names or the original names
     (`control_model.*`, as in `control_v11p_sd15_canny.safetensors`; the
     prefix is optional, and other keys of a full original checkpoint are
-    ignored). Its config comes from, in order: the `config` argument; the
+    ignored; an SDXL ControlNet's `add_embedding` is sgm's `label_emb.0.*`).
+    Its config comes from, in order: the `config` argument; the
     config cn_jax stores in the file's metadata; a `config.json` beside it;
-    else it is inferred from the tensor shapes (heads: 8 for 1x1-conv
-    projections as SD 1.x, 64-wide heads for linear projections as SD 2.x).
+    else it is inferred from the tensor shapes (`infer_controlnet_config`:
+    heads: 8 for 1x1-conv projections as SD 1.x, 64-wide heads for linear
+    projections as SD 2.x and SDXL).
+
+    SDXL ControlNets (`addition_embed_type: "text_time"`, as
+    diffusers/controlnet-canny-sdxl-1.0 and xinsir/controlnet-canny-sdxl-1.0
+    lay them out, `upcast_attention: null` and `addition_embed_type_num_heads`
+    included) load the same way.
 
     Returns:
       `(controlnet, params)`.
@@ -318,8 +329,10 @@ def infer_controlnet_config(state: Mapping, source: str = "weights") -> ControlN
 
     Everything but the head count and GroupNorm settings is in the shapes; for
     those the Stable Diffusion conventions are assumed (8 heads with 1x1-conv
-    projections as SD 1.x, heads of width 64 with linear projections as SD 2.x,
-    32 groups). Pass an explicit config when a file breaks these conventions.
+    projections as SD 1.x, heads of width 64 with linear projections as SD 2.x
+    and SDXL, 32 groups). An `add_embedding` makes it SDXL's (`text_time`), with
+    SDXL's 256 features per size number (the rest of its input is the pooled
+    text embedding). Pass an explicit config when a file breaks these conventions.
     """
 
     def shape(key: str) -> tuple[int, ...]:
@@ -358,6 +371,20 @@ def infer_controlnet_config(state: Mapping, source: str = "weights") -> ControlN
             for j in range(n_hint // 2)
         )
     ctx = shape("mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight")[1]
+    added = {}
+    if "add_embedding.linear_1.weight" in state:  # SDXL: pooled text + 6 size numbers
+        inputs = shape("add_embedding.linear_1.weight")[1]
+        if inputs <= SDXL_TIME_IDS * SDXL_TIME_EMBED_DIM:
+            raise WeightFileError(
+                f"{source}: cannot infer an SDXL ControlNet's addition_time_embed_dim: "
+                f"add_embedding takes {inputs} inputs, not the pooled embedding plus "
+                f"{SDXL_TIME_IDS} x {SDXL_TIME_EMBED_DIM} as in SDXL; pass its config"
+            )
+        added = dict(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+            projection_class_embeddings_input_dim=inputs,
+        )
     return ControlNetConfig(
         in_channels=shape("conv_in.weight")[1],
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn),
@@ -370,6 +397,7 @@ def infer_controlnet_config(state: Mapping, source: str = "weights") -> ControlN
         conditioning_channels=hint_in[1],
         conditioning_embedding_out_channels=hint,
         conditioning_embedding_type="paper" if paper else "released",
+        **added,
     )
 
 
@@ -419,7 +447,11 @@ def save_controlnet(
         `diffusion_pytorch_model.safetensors`, loadable by diffusers'
         `ControlNetModel.from_pretrained`. `format="original"`: one
         `.safetensors` file with lllyasviel's `control_model.*` names, as the
-        released `control_v11p_*.safetensors` files.
+        released `control_v11p_*.safetensors` files. An SDXL ControlNet's
+        `add_embedding` is written as sgm's `label_emb.0.0` / `label_emb.0.2`,
+        the layout of ComfyUI's `cldm.ControlNet` (which reads such a file);
+        diffusers' single-file loader does not read `label_emb` for ControlNets,
+        so for diffusers use the default format.
       cnet: the module (for its config).
       cnet_params: its `params` tree.
       format: "diffusers" or "original".

@@ -37,13 +37,18 @@ BUNDLED = {"bundled:tiny": _ASSETS / "tiny_base"}
 
 # What a model path is read as, which says which files of a Hub repo are needed:
 #   pipeline: a diffusers pipeline (model_index.json, unet/, vae/, text_encoder/,
-#     tokenizer/, scheduler/); configs: the same without any weights;
+#     tokenizer/, scheduler/, and SDXL's text_encoder_2/, tokenizer_2/); configs: the
+#     same without any weights or tokenizers;
 #   unet / controlnet: one model, at the repo's root or in its unet/ (controlnet/)
 #     folder (for unet also model_index.json and vae/config.json: the latent factor);
-#   tokenizer: a CLIP tokenizer at the repo's root or in its tokenizer/ folder.
+#   tokenizer: a CLIP tokenizer at the repo's root or in its tokenizer/ folder (and
+#     SDXL's second in tokenizer_2/).
 Kind = Literal["pipeline", "configs", "unet", "controlnet", "tokenizer"]
 
-PIPELINE_MODELS = ("unet", "vae", "text_encoder")  # the pipeline folders with weights
+# The pipeline folders with weights (a repo without SDXL's text_encoder_2 lacks it: nothing
+# is fetched there), and those with a CLIP tokenizer.
+PIPELINE_MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
+PIPELINE_TOKENIZERS = ("tokenizer", "tokenizer_2")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 TOKENIZER_FILES = (
@@ -143,10 +148,11 @@ def _config_patterns(kind: Kind, subfolder: str | None) -> list[str]:
     """The small files fetched first: they say which folders hold weights."""
     if kind in ("pipeline", "configs"):
         folders = [f"{m}/config.json" for m in PIPELINE_MODELS]
-        tokenizer = [f"tokenizer/{f}" for f in TOKENIZER_FILES] if kind == "pipeline" else []
+        tokenizer = [f"{t}/{f}" for t in PIPELINE_TOKENIZERS for f in TOKENIZER_FILES]
+        tokenizer = tokenizer if kind == "pipeline" else []
         return ["model_index.json", *folders, "scheduler/scheduler_config.json", *tokenizer]
     if kind == "tokenizer":
-        folders = [subfolder] if subfolder else ["", "tokenizer"]
+        folders = [subfolder] if subfolder else ["", *PIPELINE_TOKENIZERS]
         return [_in(folder, f) for folder in folders for f in TOKENIZER_FILES]
     if subfolder:  # unet / controlnet
         return [_in(subfolder, "config.json")]
