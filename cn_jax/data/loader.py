@@ -151,7 +151,8 @@ class Loader:
       docstring; float32 in [-1, 1] with ``image_dtype="float32"``), the target images;
     - ``conditioning_pixel_values``: (n, R, R, C) uint8 / uint16 (float32 in [0, 1] with
       ``condition_dtype="float32"``), the conditions;
-    - ``input_ids``: (n, L) int32 if `tokenize` is given, else ``captions``: list of n str
+    - ``input_ids``: (n, L) int32 (SDXL's two tokenizers: (n, 2, L)) if `tokenize` is
+      given, else ``captions``: list of n str
       (after prompt dropout: a dropped prompt is "");
     - ``time_ids``: (n, 6) float32 with ``time_ids=True``: SDXL's size numbers;
     - ``index``: (n,) int64, the dataset rows used (after bad-sample replacement);
@@ -544,10 +545,11 @@ class Loader:
             out["pixel_values"] = pending.pixels
         if self.tokenize is not None:
             shapes = {r.shape for r in row_ids}
-            if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[0] != 1:
+            if len(shapes) != 1 or len(next(iter(shapes))) < 2 or next(iter(shapes))[0] != 1:
                 raise ValueError(
                     f"tokenize returned shapes {sorted(shapes)} for one caption each; "
-                    "expected (1, length), the same length for every caption"
+                    "expected (1, length) (SDXL's two tokenizers: (1, 2, length)), the same "
+                    "for every caption"
                 )
             out["input_ids"] = np.concatenate(row_ids).astype(np.int32)
         else:
