@@ -331,11 +331,26 @@ def test_refiner_is_refused_by_name(sdxl_folder, sdxl_file, tmp_path):
     with pytest.raises(WeightFileError, match="SDXL refiner checkpoint") as e:
         load_pipeline(tmp_path / "refiner.safetensors", config="sdxl-tiny")
     assert "\n" not in str(e.value)
-    # A refiner's UNet: five size numbers and an aesthetic score (SDXL: 1280 + 5 x 256 = 2560).
+    # A refiner's UNet: five size numbers and an aesthetic score (SDXL: 1280 + 5 x 256 = 2560),
+    # refused from the configs, before any weights are read.
     cfg = preset("sdxl-tiny")
     cfg["unet"]["projection_class_embeddings_input_dim"] = 32 + 5 * 8
     with pytest.raises(WeightFileError, match="SDXL refiner's UNet"):
         load_pipeline(sdxl_file, config=cfg)
+    folder = tmp_path / "refiner_unet"
+    shutil.copytree(sdxl_folder, folder)
+    (folder / "unet" / "config.json").write_text(json.dumps(cfg["unet"]))
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(WeightFileError, match="projection_class_embeddings_input_dim=72.*refiner"):
+        load_pipeline(folder)
+    # An SDXL UNet in a pipeline without the second text encoder.
+    folder = tmp_path / "one_encoder"
+    shutil.copytree(sdxl_folder, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    del index["text_encoder_2"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(WeightFileError, match="text_time embedding, but there is no second"):
+        load_pipeline(folder)
 
 
 # -- presets and random pipelines ---------------------------------------------------------------

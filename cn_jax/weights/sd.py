@@ -221,6 +221,17 @@ def _load_folder(path, dtype, param_dtype, variant, allow_pickle, tokenizer) -> 
         )
         if not (path / sub).is_dir() and not optional:
             raise WeightFileError(f"{path}: missing subfolder {sub}/")
+    # The family from the configs alone, before any weights are read.
+    configs = {"text_encoder": _text_config(path / "text_encoder", CLIPTextConfig)}
+    if sdxl:
+        configs["text_encoder_2"] = _text_config(
+            path / "text_encoder_2", CLIPTextWithProjectionConfig
+        )
+    te = _text_encoder(configs, dtype, param_dtype)
+    unet_cfg_file = _config_file(path / "unet", CONFIG_NAME)
+    _check_family(
+        UNetConfig.from_dict(_read_json(unet_cfg_file), str(unet_cfg_file)), te, str(path)
+    )
     unet, unet_params = load_unet(path / "unet", dtype, param_dtype, variant, allow_pickle)
 
     vae = vae_params = None
@@ -232,13 +243,6 @@ def _load_folder(path, dtype, param_dtype, variant, allow_pickle, tokenizer) -> 
             _vae_state(vae_state), _abstract(vae, vae_example_inputs(vae.config)), str(vae_files[0])
         )
 
-    configs = {"text_encoder": _text_config(path / "text_encoder", CLIPTextConfig)}
-    if sdxl:
-        configs["text_encoder_2"] = _text_config(
-            path / "text_encoder_2", CLIPTextWithProjectionConfig
-        )
-    te = _text_encoder(configs, dtype, param_dtype)
-    _check_family(unet.config, te, str(path))
     abstract = _abstract(te, _text_inputs(te))
     te_params = {}
     for name in configs:
@@ -291,11 +295,15 @@ def _is_sdxl_index(index: Mapping[str, Any], where) -> bool:
     te2 = index.get("text_encoder_2")
     if te2 is None or _is_null(te2):
         return False
-    if index.get("requires_aesthetics_score") or _is_null(index.get("text_encoder", "missing")):
+    found = [
+        *(["requires_aesthetics_score"] if index.get("requires_aesthetics_score") else []),
+        *(["no CLIP ViT-L text_encoder"] if _is_null(index.get("text_encoder", "missing")) else []),
+    ]
+    if found:
         raise WeightFileError(
-            f"{where}: an SDXL refiner ({name} with requires_aesthetics_score, no CLIP ViT-L "
-            "text_encoder, a UNet conditioned on an aesthetic score): not supported, cn_jax "
-            "runs the SDXL base (stabilityai/stable-diffusion-xl-base-1.0 layout)"
+            f"{where}: an SDXL refiner ({name}: {', '.join(found)}; its UNet takes an "
+            "aesthetic score): not supported, cn_jax runs the SDXL base "
+            "(stabilityai/stable-diffusion-xl-base-1.0 layout)"
         )
     return True
 
