@@ -64,10 +64,31 @@ def test_loader_sends_the_size_numbers(data):
     assert "time_ids" not in plain
 
 
+def test_prompt_dropout_empties_both_prompts(folder, data):
+    """A dropped caption is "" for both tokenizers (so the context and the pooled embedding
+    are the empty prompt's); the second tokenizer pads with its own "!"."""
+    from cn_jax.tokenizer import TokenizerPair, tokenize
+
+    pair = TokenizerPair.load(Path(folder) / "tokenizer", Path(folder) / "tokenizer_2")
+    loader = Loader(str(data), 8, 64, seed=0, proportion_empty_prompts=0.5, num_workers=0,
+                    tokenize=lambda ps: tokenize(pair, ps, 16))  # fmt: skip
+    plain = Loader(str(data), 8, 64, seed=0, proportion_empty_prompts=0.5, num_workers=0)
+    ids, captions = next(iter(loader))["input_ids"], next(iter(plain))["captions"]
+    assert ids.shape == (8, 2, 16)
+    empty = tokenize(pair, [""], 16)[0]
+    dropped = [i for i, c in enumerate(captions) if c == ""]
+    assert dropped and len(dropped) < 8
+    for i, c in enumerate(captions):
+        assert np.array_equal(ids[i], empty) == (c == ""), i
+    assert empty[1, -1] == pair.second.convert_tokens_to_ids("!") != empty[0, -1]
+
+
 def test_sdxl_train_two_steps_exports_to_diffusers(folder, data, tmp_path):
     run = tmp_path / "run"
-    cli = ["train", "--config", str(TINY), "--workdir", str(run), *_overrides(folder, data)]
+    over = _overrides(folder, data, **{"train.validate_every": 2, "train.validation_steps": 2})
+    cli = ["train", "--config", str(TINY), "--workdir", str(run), *over]
     assert main(cli) == 0
+    assert (run / "val_0000002.png").is_file()
     out = tmp_path / "cn"
     assert main(["export", "--run", str(run), "--out", str(out)]) == 0
     model = ControlNetModel.from_pretrained(out)
