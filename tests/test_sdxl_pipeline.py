@@ -114,3 +114,19 @@ def test_sdxl_none_negative_is_zeros_not_empty_prompt(folder):
     )
     with pytest.raises(ValueError, match="SD 1.x/2.x ControlNet cannot steer an SDXL base"):
         ControlNetPipeline(pipe.sd, [(sd15_net, None)])
+
+
+@pytest.mark.slow  # a whole-generation compile each
+def test_sdxl_sample_cli_writes_a_grid(folder, tmp_path):
+    from cn_jax.cli import main
+
+    cn_dir = tmp_path / "cn"
+    sdxl_controlnets(folder)[0].save_pretrained(cn_dir)
+    _cond(0).save(tmp_path / "c.png")
+    out = tmp_path / "out.png"
+    args = ["sample", "--base", folder, "--controlnet", str(cn_dir), "--image",
+            str(tmp_path / "c.png"), "--prompt", PROMPTS[0], "--steps", "2", "--num-images", "2",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert Image.open(out).size == (2 * SIDE + 2, SIDE)  # one row, 2 px gap
+    assert main([*args, "--compare-base", "--precision", "bfloat16"]) == 0
