@@ -90,7 +90,7 @@ def _unet_from_single_file(path, config, allow_pickle):
     import cn_jax
 
     if config is None:
-        raise ValueError(f"{path} is a single checkpoint: pass --config sd15 or sd21")
+        raise ValueError(f"{path} is a single checkpoint: pass --config sd15, sd21 or sdxl")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no tokenizer needed here
         sd = cn_jax.load_pipeline(path, config=config, allow_pickle=allow_pickle)
