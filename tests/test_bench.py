@@ -60,6 +60,11 @@ def test_train_step_on_all_devices_without_cache(tmp_path, capsys):
     assert math.isfinite(r["loss"]) and r["cache_latents"] is False
     assert r["params_trainable"] > 0 and r["params_frozen"] > r["params_trainable"]
     assert "samples / s" in capsys.readouterr().out
+    # FLOPs per device: one device's share of the batch of 8 is one sample's step (the
+    # count comes from the unpartitioned twin, divided over the devices).
+    one = _run(tmp_path, "one", ["train", "--config", SMALL, "train.batch_size=1",
+               "data.cache_latents=false", "--devices", "1", "--no-run"])  # fmt: skip
+    assert math.isclose(r["flops_per_step"], one["flops_per_step"], rel_tol=0.05)
 
 
 @pytest.mark.slow  # compiles whole train steps or sampling loops

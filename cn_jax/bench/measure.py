@@ -10,7 +10,8 @@ Caveats (written here once, quoted by the reports):
 - XLA counts a loop body (`lax.scan` / `while`) once, not once per trip: a
   program with `train.grad_accum > 1` or a sampling loop is undercounted.
 - With several devices the compiled program is the per-device (SPMD) one, so
-  its FLOPs and bytes are per device.
+  its FLOPs and bytes are per device; a *lowered* program (the FLOP-count twin)
+  is the global one, whose count `per_device` divides by the devices.
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ def program_flops(compiled) -> float | None:
         cost = cost[0] if cost else None
     flops = (cost or {}).get("flops")
     return float(flops) if flops and flops > 0 else None
+
+
+def per_device(flops: float | None, devices: int) -> float | None:
+    """A global program's FLOPs (a lowered, not yet partitioned module) per device of an
+    SPMD program over `devices` that splits the work evenly."""
+    return None if flops is None else flops / max(devices, 1)
 
 
 def counts_on_twin(kernels: Kernels) -> bool:

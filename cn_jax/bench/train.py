@@ -284,9 +284,11 @@ class TrainBench:
             # tiles; im2col convolutions multiply their padding zeros too; a cuDNN or
             # Pallas custom call may count as zero. Count the same step's arithmetic
             # on its twin traced with JAX's attention and XLA's convolutions. Lowered
-            # only, never compiled or run.
+            # only, never compiled or run: the lowered module is the whole (global)
+            # program, before SPMD splits it, so its count is shared by the devices
+            # (the batch splits evenly over them; collectives add no FLOPs).
             twin = jitted_step(models.with_kernels(COUNTING)).lower(*args)
-            self.flops = measure.program_flops(twin)
+            self.flops = measure.per_device(measure.program_flops(twin), len(self.devices))
             self.flops_source = "step with xla attention and convolutions (lowered)"
             del twin
         self.memory = measure.program_memory(self.compiled)
