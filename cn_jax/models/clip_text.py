@@ -398,7 +398,21 @@ def _checked_ids(input_ids: Any, config: CLIPTextConfig) -> jax.Array:
     return input_ids
 
 
-class CLIPTextModel(nn.Module):
+class _OneTokenizer:
+    """What callers ask of a text tower read through one tokenizer."""
+
+    @property
+    def max_length(self) -> int:
+        """The longest `input_ids` (tokens per prompt) the model takes."""
+        return self.config.max_position_embeddings
+
+    @nn.nowrap
+    def example_inputs(self, batch: int = 1) -> tuple[jax.Array]:
+        """Inputs for `init` / `eval_shape`: (input_ids,)."""
+        return example_inputs(self.config, batch)
+
+
+class CLIPTextModel(_OneTokenizer, nn.Module):
     """transformers' `CLIPTextModel`: `(input_ids, attention_mask=None) -> (last, pooled)`.
 
     Call: `model.apply({"params": p}, input_ids)`; `model.apply({"params": p},
@@ -441,18 +455,8 @@ class CLIPTextModel(nn.Module):
             input_ids, attention_mask
         )
 
-    @property
-    def max_length(self) -> int:
-        """The longest `input_ids` (tokens per prompt) the model takes."""
-        return self.config.max_position_embeddings
 
-    @nn.nowrap
-    def example_inputs(self, batch: int = 1) -> tuple[jax.Array]:
-        """Inputs for `init` / `eval_shape`: (input_ids,)."""
-        return example_inputs(self.config, batch)
-
-
-class CLIPTextModelWithProjection(nn.Module):
+class CLIPTextModelWithProjection(_OneTokenizer, nn.Module):
     """transformers' `CLIPTextModelWithProjection`: the text tower plus a bias-free
     `text_projection` (hidden_size -> projection_dim) of the pooled output.
 
@@ -495,16 +499,6 @@ class CLIPTextModelWithProjection(nn.Module):
         return CLIPTextProjectionOutputs(
             projection(out.pooler_output), out.last_hidden_state, out.penultimate_hidden_state
         )
-
-    @property
-    def max_length(self) -> int:
-        """The longest `input_ids` (tokens per prompt) the model takes."""
-        return self.config.max_position_embeddings
-
-    @nn.nowrap
-    def example_inputs(self, batch: int = 1) -> tuple[jax.Array]:
-        """Inputs for `init` / `eval_shape`: (input_ids,)."""
-        return example_inputs(self.config, batch)
 
 
 class SDXLTextEncoders(nn.Module):
