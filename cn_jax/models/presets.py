@@ -41,7 +41,8 @@ _SCHEDULE = {
     "timestep_spacing": "leading",
 }
 
-# stabilityai/stable-diffusion-xl-base-1.0's text encoders: CLIP ViT-L/14 (as SD 1.x) and
+# CLIP ViT-L/14, SD 1.x's text encoder and the first of
+# stabilityai/stable-diffusion-xl-base-1.0's two, and
 # OpenCLIP ViT-bigG/14 with its projection (text_encoder_2/config.json; the legacy
 # eos_token_id 2, i.e. the end-of-text token is the highest id).
 _CLIP_L = {
@@ -146,20 +147,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "sample_size": 64,
         },
         "vae": _VAE,
-        "text_encoder": {
-            "vocab_size": 49408,
-            "hidden_size": 768,
-            "intermediate_size": 3072,
-            "projection_dim": 768,
-            "num_hidden_layers": 12,
-            "num_attention_heads": 12,
-            "max_position_embeddings": 77,
-            "hidden_act": "quick_gelu",
-            "layer_norm_eps": 1e-5,
-            "pad_token_id": 1,
-            "bos_token_id": 0,
-            "eos_token_id": 2,
-        },
+        "text_encoder": _CLIP_L,  # SD 1.x's text encoder is SDXL's first
         "scheduler": _SCHEDULE,
     },
     # stabilityai / stable-diffusion-2-1 (768 px, v-prediction): OpenCLIP ViT-H
