@@ -250,18 +250,23 @@ class ControlNetPipeline:
             prompts'), as diffusers.
         """
         sdxl = self.is_sdxl
-        sdxl_options = dict(
-            prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, original_size=original_size,
+        sizes = dict(
+            original_size=original_size, crops_coords_top_left=crops_coords_top_left,
             target_size=target_size, negative_original_size=negative_original_size,
+            negative_crops_coords_top_left=negative_crops_coords_top_left,
             negative_target_size=negative_target_size,
         )  # fmt: skip
-        given = [k for k, v in sdxl_options.items() if v is not None]
-        if not sdxl and (
-            given or (crops_coords_top_left, negative_crops_coords_top_left) != ((0, 0),) * 2
-        ):
-            raise ValueError(
-                f"{given or ['crops_coords_top_left']}: SDXL options, and this base is not SDXL"
-            )
+        given = [k for k, v in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2))
+                 if v is not None]  # fmt: skip
+        given += [k for k, v in sizes.items() if v is not None and tuple(v) != (0, 0)]
+        if given and not sdxl:
+            raise ValueError(f"{', '.join(given)}: SDXL options, and this base is not SDXL")
+        for name, pair in sizes.items():
+            if pair is not None:
+                if len(pair) != 2:
+                    raise ValueError(f"{name}={pair!r}: expected two numbers")
+                for v in pair:
+                    _check_number(name, v, low=0)
         n_nets = len(self.controlnets)
         _check_number("guidance_scale", guidance_scale)
         _check_number("num_inference_steps", num_inference_steps, low=1, integer=True)

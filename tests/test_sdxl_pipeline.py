@@ -102,6 +102,10 @@ def test_sdxl_none_negative_is_zeros_not_empty_prompt(folder):
     zero = pipe(PROMPTS, _cond(0), **kw)
     empty = pipe(PROMPTS, _cond(0), negative_prompt="", **kw)
     assert np.abs(zero - empty).max() > 1e-3
+    with pytest.raises(ValueError, match="original_size=nan: expected a finite number >= 0"):
+        pipe.prepare(PROMPTS, _cond(0), original_size=(float("nan"), 64))
+    with pytest.raises(ValueError, match=r"target_size=\(64,\): expected two numbers"):
+        pipe.prepare(PROMPTS, _cond(0), target_size=(64,))
     # An SD 1.x ControlNet cannot steer it.
     from cn_jax.models.controlnet import ControlNet
 
