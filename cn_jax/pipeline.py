@@ -133,8 +133,6 @@ class ControlNetPipeline:
                     f"a ControlNet expects latent factor {c.config.latent_factor}, the base "
                     f"model has {self.latent_factor}"
                 )
-        # SDXL: the base's `force_zeros_for_empty_prompt` (model_index.json; diffusers' default)
-        self.force_zeros_for_empty_prompt = getattr(sd, "force_zeros_for_empty_prompt", True)
         self._compiled: dict = {}
         self.trace_count = 0  # how many times the generation program was traced
         self.sharded_batches: set[int] = set()  # batch sizes split over the local devices
@@ -142,7 +140,7 @@ class ControlNetPipeline:
     @property
     def is_sdxl(self) -> bool:
         """An SDXL base (`addition_embed_type: text_time`): two text encoders, size numbers."""
-        return self.unet.config.has_text_time
+        return self.sd.is_sdxl
 
     @classmethod
     def from_pretrained(
@@ -272,7 +270,7 @@ class ControlNetPipeline:
         _check_number("num_inference_steps", num_inference_steps, low=1, integer=True)
         _check_number("num_images_per_prompt", num_images_per_prompt, low=1, integer=True)
         _check_number("seed", seed, low=0, high=MAX_SEED, integer=True)
-        zero_negative = sdxl and negative_prompt is None and self.force_zeros_for_empty_prompt
+        zero_negative = sdxl and negative_prompt is None and self.sd.force_zeros_for_empty_prompt
         prompts, negatives = _prompt_lists(prompt, negative_prompt)
         prompts_2 = negatives_2 = None
         if sdxl:

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cn_jax.models.clip_text import SDXLTextEncoders, encode_text
 from cn_jax.models.controlnet import combine_controlnet_residuals, guess_mode_scales
 
 
@@ -113,11 +114,10 @@ def encode_prompts(
       zero_negative: SDXL's `force_zeros_for_empty_prompt` with no negative prompt: the
         unconditional context and pooled embedding are zeros, not the encoding of "".
     """
-    from cn_jax.models.clip_text import encode_text
 
     def encode(x, sizes):
         context, pooled = encode_text(text_encoder, params, x)
-        if not _is_sdxl(text_encoder):
+        if not isinstance(text_encoder, SDXLTextEncoders):
             return TextCond(context)
         if sizes is None:
             raise ValueError("an SDXL model needs time_ids (size_time_ids) to encode prompts")
@@ -133,12 +133,6 @@ def encode_prompts(
     if zeros.added is not None:  # the size numbers stay: they are not the prompt's
         zeros = zeros._replace(added={**zeros.added, "time_ids": jnp.asarray(neg_sizes)})
     return cond, zeros
-
-
-def _is_sdxl(text_encoder) -> bool:
-    from cn_jax.models.clip_text import SDXLTextEncoders
-
-    return isinstance(text_encoder, SDXLTextEncoders)
 
 
 def denoise(

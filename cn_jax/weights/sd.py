@@ -41,7 +41,6 @@ from cn_jax.models.clip_text import (
     SDXLTextEncoders,
     canonical_torch_state,
 )
-from cn_jax.models.clip_text import example_inputs as text_example_inputs
 from cn_jax.models.config import UNetConfig
 from cn_jax.models.layers import Dtype
 from cn_jax.models.presets import preset
@@ -243,7 +242,7 @@ def _load_folder(path, dtype, param_dtype, variant, allow_pickle, tokenizer) -> 
             _vae_state(vae_state), _abstract(vae, vae_example_inputs(vae.config)), str(vae_files[0])
         )
 
-    abstract = _abstract(te, _text_inputs(te))
+    abstract = _abstract(te, te.example_inputs())
     te_params = {}
     for name in configs:
         files = _weight_files(
@@ -282,10 +281,16 @@ def _text_encoder(configs: Mapping[str, CLIPTextConfig], dtype, param_dtype):
     return CLIPTextModel(configs["text_encoder"], dtype, param_dtype)
 
 
-def _text_inputs(te) -> tuple:
-    return (
-        te.example_inputs() if isinstance(te, SDXLTextEncoders) else text_example_inputs(te.config)
-    )
+def _text_encoder_of(cfgs: Mapping[str, Any], source: str, dtype, param_dtype):
+    """The text encoder of a dict of component configs (`text_encoder`, and for SDXL
+    `text_encoder_2`), each parsed strictly; errors name `source` and the component."""
+    classes = {"text_encoder": CLIPTextConfig, "text_encoder_2": CLIPTextWithProjectionConfig}
+    configs = {
+        name: cls.from_dict(cfgs[name], f"{source} {name} config")
+        for name, cls in classes.items()
+        if name in cfgs
+    }
+    return _text_encoder(configs, dtype, param_dtype)
 
 
 def _is_sdxl_index(index: Mapping[str, Any], where) -> bool:
@@ -563,14 +568,7 @@ def _load_single_file(path, config, tokenizer, dtype, param_dtype, allow_pickle)
     vae = AutoencoderKL(
         AutoencoderKLConfig.from_dict(cfgs["vae"], f"{src} vae config"), dtype, param_dtype
     )
-    text_configs = {
-        "text_encoder": CLIPTextConfig.from_dict(cfgs["text_encoder"], f"{src} text_encoder config")
-    }
-    if sdxl:
-        text_configs["text_encoder_2"] = CLIPTextWithProjectionConfig.from_dict(
-            cfgs["text_encoder_2"], f"{src} text_encoder_2 config"
-        )
-    te = _text_encoder(text_configs, dtype, param_dtype)
+    te = _text_encoder_of(cfgs, src, dtype, param_dtype)
     _check_family(unet.config, te, f"{src} config")
     schedule = NoiseScheduleConfig.from_dict(cfgs["scheduler"], f"{src} scheduler config")
 
@@ -582,11 +580,11 @@ def _load_single_file(path, config, tokenizer, dtype, param_dtype, allow_pickle)
         if sdxl:
             plans |= original_sd.sdxl_text_sources(
                 keys,
-                num_layers=text_configs["text_encoder"].num_hidden_layers,
-                num_layers_2=text_configs["text_encoder_2"].num_hidden_layers,
+                num_layers=te.config.num_hidden_layers,
+                num_layers_2=te.config_2.num_hidden_layers,
             )
         else:
-            n = text_configs["text_encoder"].num_hidden_layers
+            n = te.config.num_hidden_layers
             plans["text_encoder"] = original_sd.clip_sources(keys, num_layers=n)
     except ValueError as e:
         raise WeightFileError(f"{src}: {e}") from None
@@ -607,7 +605,7 @@ def _load_single_file(path, config, tokenizer, dtype, param_dtype, allow_pickle)
         _abstract(vae, vae_example_inputs(vae.config)),
         f"{src} (vae, first_stage_model.*)",
     )
-    abstract = _abstract(te, _text_inputs(te))
+    abstract = _abstract(te, te.example_inputs())
     if sdxl:
         where = {
             "text_encoder": original_sd.SDXL_CLIP_PREFIX,
@@ -662,15 +660,10 @@ def random_pipeline(
         vae_cfg = AutoencoderKLConfig.from_dict(cfgs["vae"], architecture)
         vae = AutoencoderKL(vae_cfg, dtype, param_dtype)
         vae_params = _init(vae, k_vae, vae_example_inputs(vae.config))
-    text_configs = {"text_encoder": CLIPTextConfig.from_dict(cfgs["text_encoder"], architecture)}
     sdxl = "text_encoder_2" in cfgs
-    if sdxl:
-        text_configs["text_encoder_2"] = CLIPTextWithProjectionConfig.from_dict(
-            cfgs["text_encoder_2"], architecture
-        )
-    te = _text_encoder(text_configs, dtype, param_dtype)
+    te = _text_encoder_of(cfgs, architecture, dtype, param_dtype)
     _check_family(unet.config, te, f"preset {architecture!r}")
-    te_params = _init(te, k_text, _text_inputs(te))
+    te_params = _init(te, k_text, te.example_inputs())
     schedule = NoiseScheduleConfig.from_dict(cfgs["scheduler"], architecture)
     if tokenizer is not None:
         tok = _load_tokenizers(tokenizer, sdxl)
